@@ -1,0 +1,46 @@
+# `make demo` and `make test` do all set-up themselves on a machine that has only Python (>= 3.11).
+# The CPU install takes the staged torch 2.13.0 CPU wheel (pip finds it through its find-links) and the
+# constraints file stops any dependency from pulling a CUDA torch. GPU clusters: `make install-gpu`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.rayft-installed
+PIP    := $(BIN)/python -m pip
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install install-gpu assets demo test test-fast lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints/cpu.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints/cpu.txt -e '.[dev]'
+	$(BIN)/python -c "import torch; assert not torch.version.cuda, 'CUDA torch installed on the CPU path'"
+	touch $@
+
+install-gpu:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -e '.[dev,vllm]'
+
+assets: install
+	$(BIN)/python -m rayft.tiny --out assets
+
+demo: assets
+	$(BIN)/python jobs/sft.py --config configs/sft_tiny.yaml
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not ray and not gpu" tests
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: assets
+	$(BIN)/python bench/sft_throughput.py
+
+clean:
+	rm -rf $(VENV) runs adapters assets

@@ -1,0 +1,280 @@
+"""Typed job configs: loaded from YAML, validated at load, overridable with ``--set a.b=c``.
+
+Every model forbids unknown keys, so a typo is an error that names the field instead of a silently ignored
+setting. Derived values (global batch, gradient accumulation) are functions of the config and the world size,
+never written back into it. Each run saves its resolved config beside its outputs (``config.yaml``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# LoRA ranks that serving engines accept (vLLM's ``max_lora_rank`` choices). Training an adapter with any other
+# rank produces something the serving path cannot load, so it is rejected when the config is read.
+SERVABLE_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the field and the rule."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ModelConfig(Strict):
+    name_or_path: str = Field(description="Hugging Face model id or local directory")
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto = bf16 on GPU, fp32 on CPU"
+    )
+    gradient_checkpointing: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+
+class LoraConfig(Strict):
+    r: int = 16
+    alpha: int = 32
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+
+    @field_validator("r")
+    @classmethod
+    def _servable_rank(cls, r: int) -> int:
+        if r not in SERVABLE_LORA_RANKS:
+            raise ValueError(
+                f"LoRA rank {r} cannot be served: vLLM accepts only ranks {list(SERVABLE_LORA_RANKS)} "
+                "(its max_lora_rank choices), so an adapter of this rank could be trained but never served"
+            )
+        return r
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("must name at least one module, or be 'all-linear'")
+        return v
+
+
+class FinetuneConfig(Strict):
+    method: Literal["full", "lora", "qlora"] = "lora"
+    lora: LoraConfig = LoraConfig()
+
+
+class DataConfig(Strict):
+    train: str = Field(description="Hub dataset id, or a local .jsonl/.json/.parquet file")
+    eval: str | None = Field(None, description="Held-out set; when absent, eval_fraction of train is held out")
+    train_split: str = "train"
+    eval_split: str | None = None
+    subset: str | None = Field(None, description="Hub dataset configuration name (e.g. 'main' for gsm8k)")
+    format: Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt"] = "auto"
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="rename dataset columns before format detection, e.g. {prompt: question, completion: answer}",
+    )
+    chat_template: str | None = Field(None, description="Jinja template or path to one; default: the tokenizer's")
+    system_prompt: str | None = None
+    max_seq_len: int = Field(512, ge=8)
+    truncation: Literal["right", "drop"] = Field(
+        "right", description="right = cut the end of over-long examples; drop = skip them (counted)"
+    )
+    packing: bool = True
+    assistant_only_loss: bool = True
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    max_examples: int | None = Field(None, ge=1)
+    on_bad_row: Literal["error", "skip"] = "error"
+    seed: int = 0
+
+
+class TrainConfig(Strict):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(4, ge=1, description="sequences per worker per forward pass")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    max_grad_norm: float = Field(1.0, ge=0.0, description="0 disables clipping")
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
+    logging_steps: int = Field(10, ge=1)
+    eval_steps: int = Field(50, ge=1)
+    save_steps: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(3, ge=-1, description="worker crashes tolerated; -1 = unlimited")
+    seed: int = 0
+
+
+class DeepSpeedConfig(Strict):
+    stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    param_persistence_threshold: int | None = Field(
+        None, ge=0, description="ZeRO-3: params smaller than this stay whole; 0 partitions everything"
+    )
+
+    @model_validator(mode="after")
+    def _offload_rules(self):
+        if self.offload_param and self.stage != 3:
+            raise ValueError(f"offload_param needs ZeRO stage 3 (stage is {self.stage}): only stage 3 partitions parameters")
+        if self.offload_optimizer and self.stage == 0:
+            raise ValueError("offload_optimizer needs ZeRO stage 1, 2 or 3 (stage is 0)")
+        if self.param_persistence_threshold is not None and self.stage != 3:
+            raise ValueError("param_persistence_threshold applies to ZeRO stage 3 only")
+        return self
+
+
+class RunConfig(Strict):
+    name: str = Field("sft", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    storage_path: str = Field("runs", description="run directories live here (shared storage on multi-node)")
+    registry: str = Field("adapters", description="adapter registry directory read by sweep, RL and serving")
+    adapter_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    progress: bool = True
+
+
+class SFTConfig(Strict):
+    model: ModelConfig
+    finetune: FinetuneConfig = FinetuneConfig()
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _cross_field(self):
+        if self.finetune.method == "qlora" and self.deepspeed.stage == 3:
+            raise ValueError(
+                "finetune.method=qlora cannot run under deepspeed.stage=3: 4-bit weights cannot be partitioned; use stage 0-2"
+            )
+        if self.data.eval is None and self.data.eval_split is None and self.data.eval_fraction == 0:
+            raise ValueError("no held-out data: set data.eval, data.eval_split or data.eval_fraction > 0")
+        return self
+
+    def global_batch_size(self, world_size: int | None = None) -> int:
+        """Sequences per optimizer step across all workers."""
+        world = world_size or self.train.num_workers
+        return self.train.micro_batch_size * self.train.grad_accum * world
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a","b","c"], value), the value parsed as YAML (so 1e-4, true, [1,2] work)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key.path=value")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"--set {item!r}: empty key")
+    value = _yaml_numbers(yaml.safe_load(raw)) if raw.strip() else ""
+    return path, value
+
+
+def set_path(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        if not isinstance(node.get(part, {}), dict):
+            raise ConfigError(f"--set {'.'.join(path)}: {part!r} is not a section")
+        node = node.setdefault(part, {})
+    node[path[-1]] = value
+
+
+def _fmt_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not a field of this section; check the spelling)"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def _yaml_numbers(obj: Any) -> Any:
+    """PyYAML (YAML 1.1) leaves ``1e-4`` as a string; turn such strings into floats."""
+    if isinstance(obj, dict):
+        return {k: _yaml_numbers(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_yaml_numbers(v) for v in obj]
+    if isinstance(obj, str):
+        try:
+            return float(obj) if obj.strip() and obj.strip()[0] in "0123456789.-+" and "e" in obj.lower() else obj
+        except ValueError:
+            return obj
+    return obj
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None,
+                data: dict | None = None) -> C:
+    """Read YAML (or a dict), apply ``key.path=value`` overrides, validate. Raises ConfigError naming fields."""
+    source = str(path) if path else "<dict>"
+    raw: dict = dict(data or {})
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file not found: {path}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+    raw = _yaml_numbers(raw)
+    for item in overrides or []:
+        set_path(raw, *parse_override(item))
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_fmt_errors(e, source)) from None
+
+
+def dump_config(cfg: BaseModel) -> dict:
+    return cfg.model_dump(mode="json")
+
+
+def save_config(cfg: BaseModel, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(dump_config(cfg), sort_keys=False))
+    return path
+
+
+def resolve_paths(cfg: SFTConfig, base: str | Path | None = None) -> SFTConfig:
+    """Make local paths absolute so that Ray workers (other cwd, other node with shared storage) see them.
+
+    Hub ids (``org/name`` that does not exist locally) are left as they are.
+    """
+    base = Path(base or Path.cwd())
+
+    def fix(p: str | None) -> str | None:
+        if p is None:
+            return None
+        cand = Path(p).expanduser()
+        if not cand.is_absolute() and (base / cand).exists():
+            return str((base / cand).resolve())
+        return p
+
+    out = cfg.model_copy(deep=True)
+    out.model.name_or_path = fix(out.model.name_or_path)
+    out.data.train = fix(out.data.train)
+    out.data.eval = fix(out.data.eval)
+    if out.data.chat_template and Path(out.data.chat_template).suffix in (".jinja", ".j2", ".txt"):
+        out.data.chat_template = fix(out.data.chat_template)
+    for attr in ("storage_path", "registry"):
+        p = Path(getattr(out.run, attr)).expanduser()
+        if "://" not in getattr(out.run, attr):
+            setattr(out.run, attr, str(p if p.is_absolute() else (base / p).resolve()))
+    return out

@@ -1,0 +1,576 @@
+"""SFT data: read rows, normalise them to chat messages, tokenize with assistant-only labels, pack.
+
+Pipeline (run once on the driver; the rows then go to the workers through the object store)::
+
+    read_rows -> (columns rename) -> detect_format -> to_messages -> tokenize_messages -> truncate/filter
+        -> prepare_data (train / eval split) -> make_rows (packing, position_ids) -> collate (per micro-batch)
+
+Assistant-only labels come from *character spans*, not from the template. For every assistant turn ``i``
+we render ``messages[:i]`` with the generation prompt (where the assistant's text starts) and
+``messages[:i+1]`` (where its turn ends, end-of-turn marker included) and check that both are prefixes of
+the full rendering. The full text is then tokenized once with offsets, and a token is learned when its first
+character lies inside an assistant span. This works with any *prefix-stable* template, including the ones
+that ship without the ``{% generation %}`` keyword that ``apply_chat_template(return_assistant_tokens_mask=
+True)`` needs (most of them), and it learns the end-of-turn token, so the model learns to stop. A template
+that is not prefix-stable (say one that rewrites earlier turns) is reported instead of silently mislabelled.
+
+Labels are not shifted here: ``labels[t]`` is the target for position ``t`` and the loss compares
+``logits[:, :-1]`` with ``labels[:, 1:]``.
+
+Packing: examples are bin-packed (best-fit decreasing) into rows of at most ``max_seq_len`` tokens.
+``position_ids`` restart at 0 at every example, and transformers (5.x) turns such position ids into a
+block-diagonal causal mask when no ``attention_mask`` is passed (and no KV cache is used), so a packed row
+computes exactly the logits of its examples run one by one. The first label of every example after the
+first in a row is -100, because the shifted loss would otherwise predict it from the previous example.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100  # label value that the cross-entropy ignores (torch's default ignore_index)
+FORMATS = ("messages", "prompt_completion", "alpaca", "sharegpt")
+ROLES = ("system", "user", "assistant")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+MAX_SKIPPED_EXAMPLES = 20  # skipped-row messages kept for the logs and the manifest
+MAX_SKIPPED_FRACTION = 0.5  # above this, on_bad_row=skip still fails: the data or the format is wrong
+
+
+class DataError(ValueError):
+    """Data that cannot be used. Row-level messages read ``"<file>:<1-based row>: <reason>"``."""
+
+
+def row_error(location: str, row: int, reason: str) -> DataError:
+    return DataError(f"{location}:{row}: {reason}")
+
+
+@dataclass
+class Example:
+    """One tokenized conversation. ``labels[t]`` is ``input_ids[t]`` where loss applies, else -100."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class DataStats:
+    """Counts reported in the logs and the run manifest, for one source."""
+
+    rows_read: int = 0
+    rows_skipped: int = 0  # malformed rows skipped (on_bad_row=skip)
+    skipped_examples: list[str] = field(default_factory=list)  # first 20 "file:row: reason" messages
+    truncated: int = 0  # cut to max_seq_len (truncation=right)
+    dropped_too_long: int = 0  # truncation=drop
+    dropped_no_labels: int = 0  # nothing left to learn after truncation / masking
+    tokens: int = 0  # total tokens in kept examples
+    label_tokens: int = 0  # tokens with loss
+    format: str | None = None  # the row format used (given or detected)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def count_tokens(self, examples: list[Example]) -> None:
+        self.tokens = sum(len(e.input_ids) for e in examples)
+        self.label_tokens = sum(sum(lab != IGNORE_INDEX for lab in e.labels) for e in examples)
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def read_rows(source: str, *, split: str = "train", subset: str | None = None,
+              trust_remote_code: bool = False) -> Iterator[tuple[str, int, dict | DataError]]:
+    """Yield ``(location, 1-based row number, row)`` from a local file or a Hugging Face dataset.
+
+    A row that cannot be parsed is yielded as a :class:`DataError` (not raised), so that the caller's
+    ``on_bad_row`` policy decides. Problems with the whole source (missing file, unsupported type, a ``.json``
+    file that is not a list) raise. ``trust_remote_code`` is accepted for symmetry with the model options but
+    not forwarded: ``datasets`` >= 4 no longer runs dataset scripts.
+    """
+    del trust_remote_code
+    path = Path(source).expanduser()
+    if path.is_file():
+        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
+        if path.suffix not in readers:
+            raise DataError(f"{source}: unsupported file type {path.suffix!r}; use one of {list(LOCAL_SUFFIXES)}")
+        yield from readers[path.suffix](source, path)
+    elif path.suffix in LOCAL_SUFFIXES:
+        # Looks like a file, not a hub id: say so instead of a confusing hub lookup error.
+        raise DataError(f"{source}: file not found")
+    else:
+        yield from _read_hub(source, split, subset)
+
+
+def _read_jsonl(loc: str, path: Path) -> Iterator[tuple[str, int, dict | DataError]]:
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue  # blank lines (a trailing newline, a separator) are not rows
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield loc, line_no, row_error(loc, line_no, f"not valid JSON ({e.msg} at column {e.colno})")
+                continue
+            yield loc, line_no, _object_or_error(loc, line_no, row)
+
+
+def _read_json(loc: str, path: Path) -> Iterator[tuple[str, int, dict | DataError]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{loc}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{loc}: expected a JSON list of row objects, got {type(data).__name__}")
+    for i, row in enumerate(data, start=1):
+        yield loc, i, _object_or_error(loc, i, row)
+
+
+def _read_parquet(loc: str, path: Path) -> Iterator[tuple[str, int, dict | DataError]]:
+    import pyarrow.parquet as pq
+
+    row_no = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            row_no += 1
+            yield loc, row_no, row
+
+
+def _read_hub(source: str, split: str, subset: str | None) -> Iterator[tuple[str, int, dict | DataError]]:
+    """A hub dataset id (or a local dataset folder), read with ``datasets.load_dataset``."""
+    import datasets
+
+    loc = f"{source}[{split}]"
+    for i, row in enumerate(datasets.load_dataset(source, subset, split=split), start=1):
+        yield loc, i, row
+
+
+def _object_or_error(loc: str, row_no: int, row) -> dict | DataError:
+    if isinstance(row, dict):
+        return row
+    return row_error(loc, row_no, f"row is a JSON {type(row).__name__}, expected an object")
+
+
+def rename_columns(row: dict, columns: dict[str, str]) -> dict:
+    """Apply ``data.columns`` (``{wanted_name: column_in_the_data}``) before format detection.
+
+    >>> rename_columns({"question": "q", "answer": "a"}, {"prompt": "question", "completion": "answer"})
+    {'prompt': 'q', 'completion': 'a'}
+    """
+    if not columns:
+        return row
+    out = dict(row)
+    for wanted, column in columns.items():
+        if column not in out:
+            raise ValueError(f"column {column!r} (mapped to {wanted!r} by data.columns) is missing; "
+                             f"row has {sorted(row)}")
+        out[wanted] = out.pop(column)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- formats
+
+
+def detect_format(row: dict) -> str:
+    """The row format from its keys: messages | prompt_completion | alpaca | sharegpt.
+
+    >>> detect_format({"instruction": "i", "input": "", "output": "o"})
+    'alpaca'
+    """
+    if "messages" in row:
+        return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    raise ValueError(
+        f"cannot detect the row format from its keys {sorted(row)}: expected 'messages', 'conversations', "
+        "'prompt'+'completion' or 'instruction'+'output' (data.columns renames columns)"
+    )
+
+
+def to_messages(row: dict, fmt: str, system_prompt: str | None = None) -> list[dict]:
+    """Normalise one row to ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
+
+    Raises ValueError with the reason when the row does not fit ``fmt`` or is not a learnable conversation.
+
+    >>> to_messages({"prompt": "2+2?", "completion": "4"}, "prompt_completion", system_prompt="Be brief.")
+    [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': '2+2?'}, {'role': 'assistant', 'content': '4'}]
+    """
+    converters = {"messages": _from_messages, "prompt_completion": _from_prompt_completion,
+                  "alpaca": _from_alpaca, "sharegpt": _from_sharegpt}
+    if fmt not in converters:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
+    messages = converters[fmt](row)
+    validate_messages(messages)
+    if system_prompt is not None and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
+def _field(row: dict, key: str, fmt: str):
+    if key not in row:
+        raise ValueError(f"row has no {key!r} field (format {fmt}); row has {sorted(row)}")
+    return row[key]
+
+
+def _message_list(value, where: str) -> list[dict]:
+    """Check a list of ``{role, content}`` dicts; keep only those two keys."""
+    if not isinstance(value, list):
+        raise ValueError(f"{where} must be a list of messages, got {type(value).__name__}")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"{where}[{i}] must be an object with 'role' and 'content', got {_short(m)}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _from_messages(row: dict) -> list[dict]:
+    return _message_list(_field(row, "messages", "messages"), "messages")
+
+
+def _from_prompt_completion(row: dict) -> list[dict]:
+    """TRL's prompt/completion: each side a string or a list of messages (the conversational variant)."""
+    prompt, completion = _field(row, "prompt", "prompt_completion"), _field(row, "completion", "prompt_completion")
+    side = {"prompt": ("user", prompt), "completion": ("assistant", completion)}
+    out = []
+    for name, (role, value) in side.items():
+        if isinstance(value, str):
+            out.append({"role": role, "content": value})
+        elif isinstance(value, list):
+            out.extend(_message_list(value, name))
+        else:
+            raise ValueError(f"{name!r} must be a string or a list of messages, got {type(value).__name__}")
+    return out
+
+
+def _from_alpaca(row: dict) -> list[dict]:
+    instruction, output = _field(row, "instruction", "alpaca"), _field(row, "output", "alpaca")
+    extra = row.get("input") or ""
+    if not isinstance(extra, str):
+        raise ValueError(f"'input' must be a string, got {type(extra).__name__}")
+    if not isinstance(instruction, str):
+        raise ValueError(f"'instruction' must be a string, got {type(instruction).__name__}")
+    user = f"{instruction}\n\n{extra}" if extra else instruction
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def _from_sharegpt(row: dict) -> list[dict]:
+    turns = _field(row, "conversations", "sharegpt")
+    if not isinstance(turns, list):
+        raise ValueError(f"'conversations' must be a list of turns, got {type(turns).__name__}")
+    out = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or "from" not in t or "value" not in t:
+            raise ValueError(f"conversations[{i}] must be an object with 'from' and 'value', got {_short(t)}")
+        if t["from"] not in SHAREGPT_ROLES:
+            raise ValueError(f"conversations[{i}]: unknown speaker {t['from']!r}; expected {sorted(SHAREGPT_ROLES)}")
+        out.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
+    return out
+
+
+def validate_messages(messages: list[dict]) -> None:
+    """Known roles, string contents, at least one assistant turn, and no assistant turn before a user turn."""
+    for i, m in enumerate(messages):
+        if m["role"] not in ROLES:
+            raise ValueError(f"message {i}: unknown role {m['role']!r}; expected one of {list(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"message {i} ({m['role']}): content must be a string, got {type(m['content']).__name__}")
+    roles = [m["role"] for m in messages]
+    if "assistant" not in roles:
+        raise ValueError("row has no assistant turn (nothing to learn)")
+    first = next(r for r in roles if r != "system")
+    if first == "assistant":
+        raise ValueError("conversation starts with an assistant turn; it needs a user turn first")
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------- tokenizing
+
+
+def render(tokenizer, messages: list[dict], chat_template: str | None = None,
+           add_generation_prompt: bool = False) -> str:
+    """The chat template applied to ``messages``, as text."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:  # e.g. a template's raise_exception("roles must alternate")
+        raise ValueError(f"chat template rejected the conversation: {e}") from None
+
+
+def assistant_spans(tokenizer, messages: list[dict], chat_template: str | None = None) -> tuple[str, list]:
+    """The full rendering and the ``[start, end)`` character spans of every assistant turn.
+
+    ``start`` is where the generation prompt ends, ``end`` where the turn ends (end-of-turn marker included).
+    """
+    text = render(tokenizer, messages, chat_template)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        head = render(tokenizer, messages[:i], chat_template, add_generation_prompt=True)
+        turn = render(tokenizer, messages[: i + 1], chat_template)
+        if not (text.startswith(head) and text.startswith(turn)):
+            raise ValueError(
+                f"chat template is not prefix-stable at message {i}: rendering the first turns is not a prefix of "
+                "rendering the whole conversation, so assistant tokens cannot be located; "
+                "set data.chat_template to a prefix-stable template or data.assistant_only_loss=false"
+            )
+        spans.append((len(head), len(turn)))
+    return text, spans
+
+
+def tokenize_messages(tokenizer, messages: list[dict], *, chat_template: str | None = None,
+                      assistant_only: bool = True) -> Example:
+    """Render and tokenize one conversation; label the assistant turns (or every token).
+
+    Needs a fast tokenizer (character offsets). Returns an :class:`Example` with ``len(input_ids)`` tokens.
+    """
+    if not tokenizer.is_fast:
+        raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer; character offsets are needed "
+                         "to locate assistant tokens")
+    if assistant_only:
+        text, spans = assistant_spans(tokenizer, messages, chat_template)
+    else:
+        text, spans = render(tokenizer, messages, chat_template), [(0, float("inf"))]
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    starts = np.array([s for s, _ in enc["offset_mapping"]], dtype=np.int64)
+    learned = np.zeros(len(ids), dtype=bool)
+    for lo, hi in spans:
+        learned |= (starts >= lo) & (starts < hi)
+    labels = [tok if keep else IGNORE_INDEX for tok, keep in zip(ids, learned.tolist(), strict=True)]
+    return Example(ids, labels)
+
+
+def resolve_chat_template(value: str | None) -> str | None:
+    """``data.chat_template`` is Jinja text or the path of a file holding it (as in ``load_tokenizer``)."""
+    if value and len(value) < 4096 and Path(value).is_file():
+        return Path(value).read_text()
+    return value
+
+
+# --------------------------------------------------------------------------------------------- building
+
+
+def build_examples(source: str, cfg, tokenizer, *, split: str,
+                   trust_remote_code: bool = False) -> tuple[list[Example], DataStats]:
+    """Read, validate, tokenize and filter one source. ``cfg`` is a :class:`rayft.config.DataConfig`.
+
+    ``cfg.max_examples`` caps the kept examples (reading stops there). Bad rows raise at once under
+    ``on_bad_row=error``; under ``skip`` they are counted, but more than half of the rows being bad still
+    raises, since that means a wrong format or column mapping rather than a few dirty rows.
+    """
+    stats = DataStats(format=None if cfg.format == "auto" else cfg.format)
+    template = resolve_chat_template(cfg.chat_template)
+    examples: list[Example] = []
+    for loc, row_no, row in read_rows(source, split=split, subset=cfg.subset, trust_remote_code=trust_remote_code):
+        stats.rows_read += 1
+        try:
+            example = _row_example(row, cfg, tokenizer, template, stats)
+        except ValueError as e:
+            _bad_row(e if isinstance(e, DataError) else row_error(loc, row_no, str(e)), cfg, stats)
+            continue
+        if example is not None:
+            examples.append(example)
+        if cfg.max_examples is not None and len(examples) >= cfg.max_examples:
+            break
+    _check_skipped(source, stats)
+    stats.count_tokens(examples)
+    return examples, stats
+
+
+def _row_example(row: dict | DataError, cfg, tokenizer, template: str | None, stats: DataStats) -> Example | None:
+    """One row to one example; ``None`` when it is filtered out (counted in ``stats``)."""
+    if isinstance(row, DataError):
+        raise row
+    row = rename_columns(row, cfg.columns)
+    if stats.format is None:
+        stats.format = detect_format(row)  # the first row that fits fixes the format for the source
+    messages = to_messages(row, stats.format, cfg.system_prompt)
+    ex = tokenize_messages(tokenizer, messages, chat_template=template, assistant_only=cfg.assistant_only_loss)
+    if len(ex.input_ids) > cfg.max_seq_len:
+        if cfg.truncation == "drop":
+            stats.dropped_too_long += 1
+            return None
+        stats.truncated += 1
+        ex = Example(ex.input_ids[: cfg.max_seq_len], ex.labels[: cfg.max_seq_len])
+    # labels[0] is never a target (nothing precedes it), so it does not count as something to learn.
+    if all(lab == IGNORE_INDEX for lab in ex.labels[1:]):
+        stats.dropped_no_labels += 1
+        return None
+    return ex
+
+
+def _bad_row(err: DataError, cfg, stats: DataStats) -> None:
+    if cfg.on_bad_row == "error":
+        raise err
+    stats.rows_skipped += 1
+    if len(stats.skipped_examples) < MAX_SKIPPED_EXAMPLES:
+        stats.skipped_examples.append(str(err))
+
+
+def _check_skipped(source: str, stats: DataStats) -> None:
+    if stats.rows_read == 0:
+        raise DataError(f"{source}: no rows")
+    if stats.rows_skipped == 0:
+        return
+    first = "\n  ".join(stats.skipped_examples[:5])
+    if stats.rows_skipped == stats.rows_read:
+        raise DataError(f"{source}: all {stats.rows_read} rows are malformed; first ones:\n  {first}")
+    if stats.rows_skipped > MAX_SKIPPED_FRACTION * stats.rows_read:
+        raise DataError(
+            f"{source}: {stats.rows_skipped} of {stats.rows_read} rows are malformed (more than "
+            f"{MAX_SKIPPED_FRACTION:.0%}); check data.format and data.columns. First ones:\n  {first}"
+        )
+
+
+@dataclass
+class PreparedData:
+    train: list[Example]
+    eval: list[Example]
+    stats: dict  # {"train": DataStats.as_dict(), "eval": ..., "format": str, "eval_source": str}
+
+
+def prepare_data(cfg, tokenizer, *, trust_remote_code: bool = False) -> PreparedData:
+    """Train and eval examples for a :class:`rayft.config.DataConfig`.
+
+    Eval comes from ``cfg.eval`` (split ``cfg.eval_split`` or "train"), else from ``cfg.eval_split`` of the
+    train source (hub datasets only: a local file has one split), else a held-out ``cfg.eval_fraction`` of
+    train chosen with ``cfg.seed`` (at least one example, and at least one left to train on).
+    """
+    train, train_stats = build_examples(cfg.train, cfg, tokenizer, split=cfg.train_split,
+                                        trust_remote_code=trust_remote_code)
+    if cfg.eval is not None:
+        eval_source = f"{cfg.eval}[{cfg.eval_split or 'train'}]"
+        evaluation, eval_stats = build_examples(cfg.eval, cfg, tokenizer, split=cfg.eval_split or "train",
+                                                trust_remote_code=trust_remote_code)
+    elif cfg.eval_split is not None:
+        if Path(cfg.train).expanduser().exists():
+            raise DataError(f"data.eval_split={cfg.eval_split!r} needs a hub dataset, but {cfg.train} is a local "
+                            "file with a single split; set data.eval or data.eval_fraction instead")
+        eval_source = f"{cfg.train}[{cfg.eval_split}]"
+        evaluation, eval_stats = build_examples(cfg.train, cfg, tokenizer, split=cfg.eval_split,
+                                                trust_remote_code=trust_remote_code)
+    else:
+        eval_source = f"held-out {cfg.eval_fraction:g} of {cfg.train}"
+        train, evaluation = hold_out(train, cfg.eval_fraction, cfg.seed, cfg.train)
+        eval_stats = DataStats(format=train_stats.format)
+        train_stats.count_tokens(train)
+        eval_stats.count_tokens(evaluation)
+    stats = {"train": train_stats.as_dict(), "eval": eval_stats.as_dict(), "format": train_stats.format,
+             "eval_source": eval_source}
+    return PreparedData(train, evaluation, stats)
+
+
+def hold_out(examples: list[Example], fraction: float, seed: int,
+             source: str = "train") -> tuple[list[Example], list[Example]]:
+    """Split off ``fraction`` of ``examples`` (seeded shuffle); both parts keep the original order."""
+    if fraction <= 0:
+        return examples, []
+    if len(examples) < 2:
+        raise DataError(f"{source}: {len(examples)} usable example(s), too few to hold out an eval set; "
+                        "set data.eval")
+    n_eval = min(max(1, round(fraction * len(examples))), len(examples) - 1)
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    train = [e for i, e in enumerate(examples) if i not in held]
+    evaluation = [e for i, e in enumerate(examples) if i in held]
+    return train, evaluation
+
+
+# --------------------------------------------------------------------------------------------- packing
+
+
+def pack_examples(lengths: list[int], max_seq_len: int) -> list[list[int]]:
+    """Best-fit-decreasing bin packing of example indices into bins of capacity ``max_seq_len``.
+
+    Longest first (ties: lower index first); each goes into the fullest bin that still fits it (ties: the
+    older bin), else a new bin. Deterministic; every index appears exactly once.
+
+    >>> pack_examples([3, 5, 2, 4], 8)
+    [[1, 0], [3, 2]]
+    """
+    if any(n > max_seq_len or n < 0 for n in lengths):
+        raise ValueError(f"every length must be in [0, {max_seq_len}]; got max {max(lengths)}")
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (remaining capacity, bin id)
+    for idx in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[idx]
+        pos = bisect.bisect_left(free, (n, -1))  # smallest remaining capacity >= n
+        if pos < len(free):
+            remaining, b = free.pop(pos)
+        else:
+            remaining, b = max_seq_len, len(bins)
+            bins.append([])
+        bins[b].append(idx)
+        bisect.insort(free, (remaining - n, b))
+    return bins
+
+
+@dataclass
+class Row:
+    """One training sequence: a packed bin, or a single example when not packing. All int64 ``[T]``."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    position_ids: np.ndarray  # restarts at 0 at every example boundary
+
+
+def make_rows(examples: list[Example], max_seq_len: int, packing: bool) -> list[Row]:
+    """Examples to training rows of at most ``max_seq_len`` tokens (packed rows come longest-first)."""
+    if not packing:
+        return [_concat([e]) for e in examples]
+    bins = pack_examples([len(e.input_ids) for e in examples], max_seq_len)
+    return [_concat([examples[i] for i in b]) for b in bins]
+
+
+def _concat(examples: list[Example]) -> Row:
+    ids, labels, pos = [], [], []
+    for k, e in enumerate(examples):
+        lab = list(e.labels)
+        if k > 0 and lab:
+            # The shifted loss predicts labels[t+1] from position t: the first token of this example would be
+            # predicted from the last token of the previous one, which it cannot see.
+            lab[0] = IGNORE_INDEX
+        ids.extend(e.input_ids)
+        labels.extend(lab)
+        pos.extend(range(len(e.input_ids)))
+    return Row(np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64), np.asarray(pos, dtype=np.int64))
+
+
+def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad rows to the longest: ``{"input_ids", "labels", "position_ids"}`` LongTensors ``[B, T]``.
+
+    Padding gets labels -100 and position ids 0..k-1, which makes it a segment of its own: no real token
+    attends to it. No ``attention_mask`` is returned on purpose (it would disable the packed-sequence mask).
+    """
+    width = max(len(r.input_ids) for r in rows)
+    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+    position_ids = np.zeros((len(rows), width), dtype=np.int64)
+    for b, r in enumerate(rows):
+        n = len(r.input_ids)
+        input_ids[b, :n] = r.input_ids
+        labels[b, :n] = r.labels
+        position_ids[b, :n] = r.position_ids
+        position_ids[b, n:] = np.arange(width - n)
+    return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+            "position_ids": torch.from_numpy(position_ids)}

@@ -1,0 +1,179 @@
+"""SFT driver: tokenize once on the driver, train on Ray Train workers, register the artifact.
+
+The pieces are separate functions so the sweep job can reuse them per trial:
+:func:`prepare` (tokenize + put in the object store), :func:`build_trainer`, :func:`register_result`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rayft import artifacts
+from rayft.config import SFTConfig, dump_config, resolve_paths, save_config
+
+log = logging.getLogger("rayft.sft")
+
+
+@dataclass
+class Prepared:
+    data_ref: object  # ray.ObjectRef of {"train": [Row], "eval": [Row]}
+    stats: dict
+    n_train_rows: int
+    n_eval_rows: int
+
+
+@dataclass
+class SFTResult:
+    run_dir: Path
+    adapter_dir: Path | None
+    metrics: dict
+    timings: dict = field(default_factory=dict)
+
+
+def run_dir_of(cfg: SFTConfig) -> Path:
+    return Path(cfg.run.storage_path) / cfg.run.name
+
+
+def ensure_ray(num_cpus: int | None = None) -> float:
+    """Connect to the cluster (``ray job submit`` sets RAY_ADDRESS) or start a local one; returns seconds."""
+    import ray
+
+    t0 = time.perf_counter()
+    if not ray.is_initialized():
+        ray.init(num_cpus=num_cpus, log_to_driver=True)
+    return time.perf_counter() - t0
+
+
+def prepare(cfg: SFTConfig) -> Prepared:
+    """Read, validate and tokenize the data on the driver, once, and place the rows in the object store."""
+    import ray
+
+    from rayft.data import make_rows, prepare_data
+    from rayft.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
+    data = prepare_data(cfg.data, tokenizer, trust_remote_code=cfg.model.trust_remote_code)
+    train = make_rows(data.train, cfg.data.max_seq_len, cfg.data.packing)
+    evaluation = make_rows(data.eval, cfg.data.max_seq_len, cfg.data.packing)
+    tr = data.stats["train"]
+    log.info("data: %d train examples -> %d rows (%s), %d eval examples; skipped %d bad rows, truncated %d, "
+             "dropped %d too long and %d without labels", len(data.train), len(train),
+             "packed" if cfg.data.packing else "unpacked", len(data.eval), tr["rows_skipped"], tr["truncated"],
+             tr["dropped_too_long"], tr["dropped_no_labels"])
+    return Prepared(ray.put({"train": train, "eval": evaluation}), data.stats, len(train), len(evaluation))
+
+
+def build_trainer(cfg: SFTConfig, prepared: Prepared, *, callbacks: list | None = None):
+    """A Ray Train ``TorchTrainer`` for this config. Re-creating it with the same run name and storage path
+    resumes the run from its last checkpoint (Ray Train V2 semantics)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from rayft.sft_worker import train_loop_per_worker
+
+    t = cfg.train
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": dump_config(cfg), "data_ref": prepared.data_ref,
+                           "run_dir": str(run_dir_of(cfg))},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=cfg.run.storage_path,
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def register_result(cfg: SFTConfig, result, *, name: str | None = None, source: dict | None = None,
+                    extra_metrics: dict | None = None) -> tuple[Path, dict]:
+    """Copy the final adapter of a finished Ray Train result into the registry with its manifest."""
+    import shutil
+
+    from rayft.sft_worker import FINAL_DIR, PROBE_FILE, STATE_FILE
+
+    if result.error is not None:
+        raise RuntimeError(f"training run {cfg.run.name} failed") from result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {cfg.run.name} produced no checkpoint")
+    with result.checkpoint.as_directory() as ckpt:
+        state = json.loads((Path(ckpt) / STATE_FILE).read_text())
+        if not state.get("final"):
+            raise RuntimeError(f"latest checkpoint of {cfg.run.name} is not a finished run (step {state['step']})")
+        metrics = {**state["metrics"], **(extra_metrics or {})}
+        lora = cfg.finetune.lora
+        is_lora = cfg.finetune.method != "full"
+        manifest = artifacts.Manifest(
+            name=name or cfg.run.adapter_name or cfg.run.name,
+            kind="lora" if is_lora else "full",
+            base_model=cfg.model.name_or_path,
+            base_revision=cfg.model.revision,
+            lora_rank=lora.r if is_lora else None,
+            lora_alpha=lora.alpha if is_lora else None,
+            target_modules=lora.target_modules if is_lora else None,
+            dataset={"train": cfg.data.train, "eval": cfg.data.eval, "format": cfg.data.format},
+            config=dump_config(cfg),
+            metrics=metrics,
+            source={"job": "sft", "run_name": cfg.run.name, "run_dir": str(run_dir_of(cfg)), **(source or {})},
+        )
+        path = artifacts.register(Path(ckpt) / FINAL_DIR, cfg.run.registry, manifest)
+        if (Path(ckpt) / PROBE_FILE).exists():
+            shutil.copy(Path(ckpt) / PROBE_FILE, run_dir_of(cfg) / PROBE_FILE)
+    return path, metrics
+
+
+def plot_loss_curve(metrics_path: Path, out: Path) -> Path | None:
+    """Train and eval loss against step, as a PNG beside the metrics."""
+    if not metrics_path.exists():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    tr = [r for r in recs if "loss" in r]
+    ax.plot([r["step"] for r in tr], [r["loss"] for r in tr], label="train loss")
+    ev = [r for r in recs if r.get("eval_loss") is not None]
+    ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("token cross-entropy")
+    ax.set_title(metrics_path.parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def run_sft(cfg: SFTConfig, *, num_cpus: int | None = None) -> SFTResult:
+    """The whole SFT job: resolve paths, save the resolved config, tokenize, train, register, plot."""
+    cfg = resolve_paths(cfg)
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    timings = {"ray_init_s": ensure_ray(num_cpus)}
+    t0 = time.perf_counter()
+    prepared = prepare(cfg)
+    (run_dir / "data_stats.json").write_text(json.dumps(prepared.stats, indent=2))
+    timings["data_prep_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    log.info("training %s with %d workers, ZeRO-%d, %s -> %s", cfg.model.name_or_path, cfg.train.num_workers,
+             cfg.deepspeed.stage, cfg.finetune.method, run_dir)
+    result = build_trainer(cfg, prepared).fit()
+    timings["fit_s"] = time.perf_counter() - t0
+    adapter_dir, metrics = register_result(cfg, result)
+    plot = plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
+    (run_dir / "summary.json").write_text(json.dumps(
+        {"adapter": str(adapter_dir), "metrics": metrics, "timings": timings,
+         "loss_curve": str(plot) if plot else None}, indent=2))
+    return SFTResult(run_dir=run_dir, adapter_dir=adapter_dir, metrics=metrics, timings=timings)

@@ -1,0 +1,151 @@
+"""Tiny local assets for the demo and the tests, built without network.
+
+* a character-level tokenizer (``tokenizers`` library) with a ChatML chat template,
+* a tiny Qwen2-architecture causal LM (random init),
+* a synthetic arithmetic word-problem task with GSM8K-style ``#### <number>`` answers.
+
+    python -m rayft.tiny --out assets          # writes assets/tiny-model and assets/arith-{train,eval}.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import string
+from pathlib import Path
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_tiny_tokenizer():
+    """A character-level fast tokenizer: one token per printable ASCII character plus ChatML specials."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(string.printable)  # digits, letters, punctuation, whitespace incl. '\n'
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + ["<unk>"] + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
+        chat_template=CHATML_TEMPLATE,
+        model_max_length=2048,
+    )
+
+
+def build_tiny_model(vocab_size: int, hidden_size: int = 128, layers: int = 2, seed: int = 0):
+    """A randomly initialised Qwen2 causal LM small enough to train on two CPU cores."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        use_cache=False,
+    )
+    return Qwen2ForCausalLM(cfg)
+
+
+def save_tiny_model(out_dir: str | Path, hidden_size: int = 128, layers: int = 2, seed: int = 0) -> Path:
+    """Write a tiny model + tokenizer in Hugging Face format (safetensors) and return its path."""
+    out = Path(out_dir)
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(len(tokenizer), hidden_size=hidden_size, layers=layers, seed=seed)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+_NAMES = ["Tom", "Ana", "Lee", "Mia", "Sam", "Ivy", "Ben", "Zoe"]
+_ITEMS = ["apples", "books", "coins", "cards", "pens", "shells"]
+
+
+def arithmetic_problem(rng: random.Random) -> dict:
+    """One word problem with its worked answer ending in ``#### <number>`` (GSM8K convention).
+
+    >>> p = arithmetic_problem(random.Random(0)); p["answer"].split("#### ")[-1] == str(p["target"])
+    True
+    """
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    a, b = rng.randint(2, 30), rng.randint(1, 20)
+    if rng.random() < 0.5:
+        question = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have?"
+        target, work = a + b, f"{a} + {b} = {a + b}"
+    else:
+        a = max(a, b + 1)
+        question = f"{name} has {a} {item} and gives away {b}. How many {item} are left?"
+        target, work = a - b, f"{a} - {b} = {a - b}"
+    answer = f"{work}\n#### {target}"
+    return {"question": question, "answer": answer, "target": target}
+
+
+def arithmetic_rows(n: int, seed: int) -> list[dict]:
+    """``n`` problems as ``messages`` rows (system-free user/assistant pairs)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        p = arithmetic_problem(rng)
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": p["question"]},
+                    {"role": "assistant", "content": p["answer"]},
+                ],
+                "target": p["target"],
+            }
+        )
+    return rows
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def build_assets(out: str | Path, n_train: int = 2000, n_eval: int = 200) -> dict[str, Path]:
+    """Everything the demo and the shipped tiny configs need, under ``out``. Idempotent."""
+    out = Path(out)
+    model_dir = out / "tiny-model"
+    if not (model_dir / "config.json").exists():
+        save_tiny_model(model_dir)
+    train = write_jsonl(out / "arith-train.jsonl", arithmetic_rows(n_train, seed=1))
+    evaluation = write_jsonl(out / "arith-eval.jsonl", arithmetic_rows(n_eval, seed=2))
+    return {"model": model_dir, "train": train, "eval": evaluation}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="assets")
+    args = parser.parse_args()
+    paths = build_assets(args.out)
+    for k, v in paths.items():
+        print(f"{k}: {v}")
+
+
+if __name__ == "__main__":
+    main()
