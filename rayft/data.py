@@ -115,7 +115,7 @@ def _read_jsonl(loc: str, path: Path) -> Iterator[tuple[str, int, dict | DataErr
             if not line.strip():
                 continue  # blank lines (a trailing newline, a separator) are not rows
             try:
-                row = json.loads(line)
+                row = json.loads(line.rstrip("\r\n"))  # so the column of an error is on this line
             except json.JSONDecodeError as e:
                 yield loc, line_no, row_error(loc, line_no, f"not valid JSON ({e.msg} at column {e.colno})")
                 continue
@@ -392,6 +392,9 @@ def build_examples(source: str, cfg, tokenizer, *, split: str,
         if cfg.max_examples is not None and len(examples) >= cfg.max_examples:
             break
     _check_skipped(source, stats)
+    if not examples:
+        raise DataError(f"{source}: no usable examples in {stats.rows_read} rows ({stats.dropped_too_long} longer "
+                        f"than max_seq_len={cfg.max_seq_len}, {stats.dropped_no_labels} with nothing to learn)")
     stats.count_tokens(examples)
     return examples, stats
 
@@ -462,7 +465,7 @@ def prepare_data(cfg, tokenizer, *, trust_remote_code: bool = False) -> Prepared
         evaluation, eval_stats = build_examples(cfg.eval, cfg, tokenizer, split=cfg.eval_split or "train",
                                                 trust_remote_code=trust_remote_code)
     elif cfg.eval_split is not None:
-        if Path(cfg.train).expanduser().exists():
+        if Path(cfg.train).expanduser().is_file():
             raise DataError(f"data.eval_split={cfg.eval_split!r} needs a hub dataset, but {cfg.train} is a local "
                             "file with a single split; set data.eval or data.eval_fraction instead")
         eval_source = f"{cfg.train}[{cfg.eval_split}]"

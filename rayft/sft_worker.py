@@ -84,7 +84,7 @@ def evaluate(engine, rows, pad_id: int, micro_batch_size: int, rank: int, world:
                 batch["labels"].fill_(-100)
             n = _label_tokens(batch)
             out = engine(**_to(batch, device), num_items_in_batch=1)  # reduction=sum
-            total += float(out.loss) if n else 0.0
+            total += out.loss.item() if n else 0.0
             count += n
     engine.train()
     total, count = _all_reduce([total, count], device)
@@ -121,13 +121,27 @@ def save_probe(engine, row, path: Path, rank: int, device) -> None:
     forwards are collective). Whoever loads the exported artifact can check it reproduces these."""
     from safetensors.torch import save_file
 
-    ids = torch.as_tensor(row.input_ids[:PROBE_TOKENS], dtype=torch.long)[None]
+    ids = torch.tensor(row.input_ids[:PROBE_TOKENS].tolist(), dtype=torch.long)[None]
     engine.eval()
     with torch.no_grad():
         logits = engine(input_ids=ids.to(device)).logits.float().cpu()
     engine.train()
     if rank == 0:
         save_file({"input_ids": ids, "logits": logits.contiguous()}, str(path))
+
+
+def _quiet_logs() -> None:
+    """Our own line per logging step says what Ray Train V2 logs at INFO for every report (twice, with the
+    whole metrics dict); keep its per-report line out of the driver's output."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 def _optimizer(model, cfg: SFTConfig):
@@ -144,9 +158,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import deepspeed
     import ray
     import ray.train
-    from transformers import get_scheduler
+    from transformers import get_scheduler, set_seed
 
     cfg = SFTConfig.model_validate(loop_config["config"])  # workers rebuild the config from its dump
+    _quiet_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -165,6 +180,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841 (must stay alive: from_pretrained loads partitioned)
     tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
+    set_seed(cfg.train.seed)  # LoRA's initial A matrices: same on every rank, same on every run
     model = load_model(cfg.model, cfg.finetune, use_gpu=cfg.train.use_gpu, device=device)
 
     plan = Plan(tuple(len(r.input_ids) for r in train_rows), cfg.train.micro_batch_size,
@@ -197,7 +213,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if rank == 0 and cfg.run.progress:
         from ray.experimental.tqdm_ray import tqdm
 
-        bar = tqdm(total=total_steps, desc=f"sft {cfg.run.name}", initial=step)
+        bar = tqdm(total=total_steps, desc=f"sft {cfg.run.name}")
+        bar.update(step)
 
     pad_id = tokenizer.pad_token_id
     if step == 0:  # the starting point, so every run shows how far it moved
@@ -220,7 +237,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         step_loss = 0.0
         for batch in batches:
             out = engine(**_to(batch, device), num_items_in_batch=global_tokens)
-            step_loss += float(out.loss)
+            step_loss += out.loss.item()
             engine.backward(out.loss * world * cfg.train.grad_accum)
             engine.step()
         step_loss, seq_tokens, samples = _all_reduce([step_loss, local_seq_tokens, local_samples], device)
