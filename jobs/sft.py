@@ -37,15 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
+    from ray.experimental.tqdm_ray import safe_print  # prints around the workers' progress bars
+
     from rayft.sft import run_sft
 
     result = run_sft(cfg, num_cpus=args.num_cpus)
     m = result.metrics
-    print(f"\nrun directory : {result.run_dir}")
-    print(f"loss curve    : {result.run_dir / 'loss_curve.png'}")
-    print(f"final eval    : loss {m.get('eval_loss'):.4f} after {m.get('step')} steps, "
-          f"{m.get('train_tokens_per_s', 0):.0f} tokens/s")
-    print(f"adapter       : {result.adapter_dir}")
+    safe_print(f"\nrun directory : {result.run_dir}\n"
+               f"loss curve    : {result.run_dir / 'loss_curve.png'}\n"
+               f"final eval    : loss {m.get('eval_loss'):.4f} after {m.get('step')} steps, "
+               f"{m.get('train_tokens_per_s', 0):.0f} tokens/s\n"
+               f"adapter       : {result.adapter_dir}")
     return 0
 
 

@@ -79,6 +79,8 @@ def load_model(model_cfg: ModelConfig, ft_cfg: FinetuneConfig, *, use_gpu: bool,
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if ft_cfg.method == "qlora":
+        if not use_gpu:
+            _keep_4bit_layers_trainable_on_cpu(model)
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=model_cfg.gradient_checkpointing,
@@ -100,3 +102,14 @@ def load_model(model_cfg: ModelConfig, ft_cfg: FinetuneConfig, *, use_gpu: bool,
     log.info("LoRA r=%d on %s: %d trainable of %d parameters (%.2f%%)",
              lora.r, lora.target_modules, trainable, total, 100 * trainable / max(total, 1))
     return model
+
+
+def _keep_4bit_layers_trainable_on_cpu(model) -> None:
+    """bitsandbytes (0.50) repacks a 4-bit layer's weights into an inference-only CPU layout the first time it
+    runs in eval mode, and keeps using that layout after ``train()``: the next training forward fails ("a
+    view of a leaf Variable ... in-place"). Training interleaves evals, so switch that repacking off."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
