@@ -18,6 +18,7 @@ import math
 import shutil
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -154,7 +155,52 @@ def _optimizer(model, cfg: SFTConfig):
     return torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
+@dataclass
+class Progress:
+    """What a checkpoint must carry besides DeepSpeed's state; everything else derives from ``step``."""
+
+    step: int = 0
+    samples_seen: int = 0
+    tokens_seen: int = 0
+    train_time_s: float = 0.0
+
+
+@dataclass
+class Window:
+    """Train-loss and throughput accumulators between two logging steps."""
+
+    loss: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class Setup:
+    cfg: SFTConfig
+    rank: int
+    world: int
+    device: torch.device
+    engine: object
+    scheduler: object
+    tokenizer: object
+    plan: Plan
+    total_steps: int
+    train_rows: list
+    eval_rows: list
+    run_dir: Path
+
+    @property
+    def lora(self) -> bool:
+        return self.cfg.finetune.method != "full"
+
+    def evaluate(self) -> float:
+        return evaluate(self.engine, self.eval_rows, self.tokenizer.pad_token_id,
+                        self.cfg.train.micro_batch_size, self.rank, self.world, self.device)
+
+
+def setup(loop_config: dict) -> Setup:
+    """Distributed init, data from the object store, model, optimizer, schedule, DeepSpeed engine."""
     import deepspeed
     import ray
     import ray.train
@@ -167,139 +213,172 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
-    run_dir = Path(loop_config["run_dir"])
     data = ray.get(loop_config["data_ref"])
-    train_rows, eval_rows = data["train"], data["eval"]
 
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     dtype = resolve_dtype(cfg.model, cfg.train.use_gpu)
     ds_config = build_ds_config(cfg, world, bf16=dtype == torch.bfloat16)
-    hf_ds = None
     if cfg.deepspeed.stage == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
-        hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841 (must stay alive: from_pretrained loads partitioned)
+        # from_pretrained loads straight into partitions while this object is alive (held until initialize)
+        zero3_init = HfDeepSpeedConfig(ds_config)  # noqa: F841
     tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
     set_seed(cfg.train.seed)  # LoRA's initial A matrices: same on every rank, same on every run
     model = load_model(cfg.model, cfg.finetune, use_gpu=cfg.train.use_gpu, device=device)
 
-    plan = Plan(tuple(len(r.input_ids) for r in train_rows), cfg.train.micro_batch_size,
+    plan = Plan(tuple(len(r.input_ids) for r in data["train"]), cfg.train.micro_batch_size,
                 cfg.train.grad_accum, world, cfg.train.seed)
     total_steps = plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
     optimizer = _optimizer(model, cfg)
     scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer,
                               num_warmup_steps=int(cfg.train.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
+    engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     check_engine(engine, cfg, world)
-    lora = cfg.finetune.method != "full"
+    return Setup(cfg, rank, world, device, engine, scheduler, tokenizer, plan, total_steps,
+                 data["train"], data["eval"], Path(loop_config["run_dir"]))
 
-    step, samples_seen, tokens_seen, train_time = 0, 0, 0, 0.0
+
+def restore(s: Setup) -> Progress | dict:
+    """Progress from Ray Train's latest checkpoint (a fresh Progress if none). A finished run's final
+    metrics come back as a dict: there is nothing left to train."""
+    import ray.train
+
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
-            if state.get("final"):
-                ray.train.report(state["metrics"])  # a finished run resubmitted: nothing left to do
-                return
-            engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=not lora)
-        step, samples_seen, tokens_seen = state["step"], state["samples_seen"], state["tokens_seen"]
-        train_time = state["train_time_s"]
-        if rank == 0:
-            log.info("resumed from checkpoint at step %d of %d", step, total_steps)
-    metrics_file = MetricsFile(run_dir / "metrics.jsonl", step) if rank == 0 else None
-    bar = None
-    if rank == 0 and cfg.run.progress:
-        from ray.experimental.tqdm_ray import tqdm
+    if not checkpoint:
+        return Progress()
+    with checkpoint.as_directory() as ckpt_dir:
+        state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
+        if state.get("final"):
+            return state["metrics"]
+        s.engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=not s.lora)
+    if s.rank == 0:
+        log.info("resumed from checkpoint at step %d of %d", state["step"], s.total_steps)
+    return Progress(state["step"], state["samples_seen"], state["tokens_seen"], state["train_time_s"])
 
-        bar = tqdm(total=total_steps, desc=f"sft {cfg.run.name}")
-        bar.update(step)
 
-    pad_id = tokenizer.pad_token_id
-    if step == 0:  # the starting point, so every run shows how far it moved
-        eval0 = evaluate(engine, eval_rows, pad_id, cfg.train.micro_batch_size, rank, world, device)
+def train_step(s: Setup, step: int) -> tuple[float, int, int]:
+    """One optimizer step (0-based ``step``); returns the global mean token loss, the non-padding tokens
+    and the examples it consumed across all workers."""
+    torch.manual_seed(s.cfg.train.seed * 100_003 + step * 1_009 + s.rank)  # dropout: a function of step
+    plan_idx = s.plan.step_batches(step, s.rank)
+    rows = s.train_rows
+    batches = [collate([rows[i] for i in idx], s.tokenizer.pad_token_id) for idx in plan_idx]
+    local_tokens = sum(len(rows[i].input_ids) for idx in plan_idx for i in idx)  # no padding
+    local_samples = sum(int((rows[i].position_ids == 0).sum()) for idx in plan_idx for i in idx)
+    (label_tokens,) = _all_reduce([sum(_label_tokens(b) for b in batches)], s.device)
+    scale = s.world * s.cfg.train.grad_accum  # undo DeepSpeed's 1/accum in backward and its mean over workers
+    loss = 0.0
+    for batch in batches:
+        out = s.engine(**_to(batch, s.device), num_items_in_batch=label_tokens)
+        loss += out.loss.item()
+        s.engine.backward(out.loss * scale)
+        s.engine.step()
+    loss, tokens, samples = _all_reduce([loss, local_tokens, local_samples], s.device)
+    return loss, int(tokens), int(samples)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train entry point: setup -> restore -> [step -> eval -> log/report/checkpoint]* -> export."""
+    import ray.train
+
+    s = setup(loop_config)
+    cfg, rank = s.cfg, s.rank
+    progress = restore(s)
+    if isinstance(progress, dict):
+        ray.train.report(progress)  # a finished run resubmitted: nothing left to do
+        return
+    metrics_file = MetricsFile(s.run_dir / "metrics.jsonl", progress.step) if rank == 0 else None
+    bar = _progress_bar(s, progress.step) if rank == 0 and cfg.run.progress else None
+    if progress.step == 0:  # the starting point, so every run shows how far it moved
+        eval0 = s.evaluate()
         if metrics_file is not None:
             metrics_file.write({"step": 0, "eval_loss": eval0})
-            log.info("step 0/%d eval_loss=%.4g", total_steps, eval0)
-    window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
-    eval_loss = None
-    engine.train()
-    while step < total_steps:
+            log.info("step 0/%d eval_loss=%.4g", s.total_steps, eval0)
+
+    window, eval_loss = Window(), None
+    s.engine.train()
+    while progress.step < s.total_steps:
         t0 = time.perf_counter()
-        torch.manual_seed(cfg.train.seed * 100_003 + step * 1_009 + rank)  # dropout: a function of step
-        plan_idx = plan.step_batches(step, rank)
-        batches = [collate([train_rows[i] for i in idx], pad_id) for idx in plan_idx]
-        local_tokens = sum(_label_tokens(b) for b in batches)
-        local_seq_tokens = sum(len(train_rows[i].input_ids) for idx in plan_idx for i in idx)  # no padding
-        local_samples = sum(int((train_rows[i].position_ids == 0).sum()) for idx in plan_idx for i in idx)
-        (global_tokens,) = _all_reduce([local_tokens], device)
-        step_loss = 0.0
-        for batch in batches:
-            out = engine(**_to(batch, device), num_items_in_batch=global_tokens)
-            step_loss += out.loss.item()
-            engine.backward(out.loss * world * cfg.train.grad_accum)
-            engine.step()
-        step_loss, seq_tokens, samples = _all_reduce([step_loss, local_seq_tokens, local_samples], device)
-        step += 1
+        loss, tokens, samples = train_step(s, progress.step)
         dt = time.perf_counter() - t0
-        train_time += dt
-        samples_seen += int(samples)
-        tokens_seen += int(seq_tokens)
-        window_loss += step_loss
-        window_steps += 1
-        window_tokens += int(seq_tokens)
-        window_time += dt
+        progress.step += 1
+        progress.train_time_s += dt
+        progress.samples_seen += samples
+        progress.tokens_seen += tokens
+        window.loss, window.steps = window.loss + loss, window.steps + 1
+        window.tokens, window.seconds = window.tokens + tokens, window.seconds + dt
         if bar is not None:
             bar.update(1)
 
-        do_eval = step % cfg.train.eval_steps == 0 or step == total_steps
-        do_log = do_eval or step % cfg.train.logging_steps == 0
-        do_save = step % cfg.train.save_steps == 0 and step < total_steps
+        step = progress.step
+        do_eval = step % cfg.train.eval_steps == 0 or step == s.total_steps
+        do_save = step % cfg.train.save_steps == 0 and step < s.total_steps
         if do_eval:
-            eval_loss = evaluate(engine, eval_rows, pad_id, cfg.train.micro_batch_size, rank, world, device)
-        if not do_log:
-            continue
-        grad_norm = engine.get_global_grad_norm()
-        metrics = {
-            "step": step,
-            "epoch": round(plan.epoch_of(step), 4),
-            "loss": window_loss / window_steps,
-            "lr": scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "tokens_per_s": window_tokens / window_time,
-            "samples_seen": samples_seen,
-            "tokens_seen": tokens_seen,
-            "train_time_s": train_time,
-        }
-        if do_eval:
-            metrics["eval_loss"] = eval_loss
-        window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
-        if metrics_file is not None:
-            metrics_file.write(metrics)
-            log.info("step %d/%d %s", step, total_steps,
-                     " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                              if isinstance(v, float) and k not in ("epoch", "train_time_s")))
-        state = {"step": step, "samples_seen": samples_seen, "tokens_seen": tokens_seen,
-                 "train_time_s": train_time, "final": False, "total_steps": total_steps}
-        _report(metrics, state, engine if do_save else None, rank, lora)
+            eval_loss = s.evaluate()
+        if do_eval or do_save or step % cfg.train.logging_steps == 0:
+            metrics = _step_metrics(s, progress, window, eval_loss if do_eval else None)
+            window = Window()
+            if metrics_file is not None:
+                metrics_file.write(metrics)
+                log.info("step %d/%d %s", step, s.total_steps, _fmt(metrics))
+            _report(metrics, progress, s.engine if do_save else None, rank, s.lora)
 
-    # the end: final eval already ran (step == total_steps); export the artifact
-    final_metrics = {"step": step, "eval_loss": eval_loss, "samples_seen": samples_seen,
-                     "tokens_seen": tokens_seen, "train_time_s": train_time,
-                     "train_tokens_per_s": tokens_seen / max(train_time, 1e-9), "total_steps": total_steps}
-    tmp = Path(tempfile.mkdtemp(prefix="rayft-final-"))
-    save_final(engine, cfg, tokenizer, tmp / FINAL_DIR, rank)
-    save_probe(engine, eval_rows[0], tmp / PROBE_FILE, rank, device)
-    if rank == 0:
-        (tmp / STATE_FILE).write_text(json.dumps({"final": True, "step": step, "metrics": final_metrics}))
+    export(s, progress, eval_loss)
     if bar is not None:
         bar.close()
-    ray.train.report(final_metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+
+
+def _progress_bar(s: Setup, step: int):
+    from ray.experimental.tqdm_ray import tqdm  # renders on the driver
+
+    bar = tqdm(total=s.total_steps, desc=f"sft {s.cfg.run.name}")
+    bar.update(step)
+    return bar
+
+
+def _step_metrics(s: Setup, p: Progress, w: Window, eval_loss: float | None) -> dict:
+    grad_norm = s.engine.get_global_grad_norm()
+    metrics = {
+        "step": p.step,
+        "epoch": round(s.plan.epoch_of(p.step), 4),
+        "loss": w.loss / w.steps,
+        "lr": s.scheduler.get_last_lr()[0],
+        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "tokens_per_s": w.tokens / w.seconds,
+        "samples_seen": p.samples_seen,
+        "tokens_seen": p.tokens_seen,
+        "train_time_s": p.train_time_s,
+    }
+    if eval_loss is not None:
+        metrics["eval_loss"] = eval_loss
+    return metrics
+
+
+def _fmt(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                    if isinstance(v, float) and k not in ("epoch", "train_time_s"))
+
+
+def export(s: Setup, p: Progress, eval_loss: float | None) -> None:
+    """The final report: the artifact (adapter or full model), the export probe and the final metrics."""
+    import ray.train
+
+    final = {"step": p.step, "eval_loss": eval_loss, "samples_seen": p.samples_seen,
+             "tokens_seen": p.tokens_seen, "train_time_s": p.train_time_s,
+             "train_tokens_per_s": p.tokens_seen / max(p.train_time_s, 1e-9), "total_steps": s.total_steps}
+    tmp = Path(tempfile.mkdtemp(prefix="rayft-final-"))
+    save_final(s.engine, s.cfg, s.tokenizer, tmp / FINAL_DIR, s.rank)
+    save_probe(s.engine, s.eval_rows[0], tmp / PROBE_FILE, s.rank, s.device)
+    if s.rank == 0:
+        (tmp / STATE_FILE).write_text(json.dumps({"final": True, "step": p.step, "metrics": final}))
+    ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(tmp) if s.rank == 0 else None)
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _report(metrics: dict, state: dict, engine, rank: int, lora: bool) -> None:
+def _report(metrics: dict, progress: Progress, engine, rank: int, lora: bool) -> None:
     """``ray.train.report`` on every worker (it is a barrier); with a DeepSpeed checkpoint when ``engine``."""
     import ray.train
 
@@ -310,6 +389,6 @@ def _report(metrics: dict, state: dict, engine, rank: int, lora: bool) -> None:
     # LoRA: frozen base weights are not saved in every checkpoint (they come from the base model).
     engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=lora)
     if rank == 0:
-        Path(tmp, STATE_FILE).write_text(json.dumps(state))
+        Path(tmp, STATE_FILE).write_text(json.dumps({**asdict(progress), "final": False}))
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     shutil.rmtree(tmp, ignore_errors=True)

@@ -135,6 +135,14 @@ def _kill_a_worker_when(run_dir: Path, min_step: int, timeout: float = 240) -> i
     raise TimeoutError(f"run never reached step {min_step}")
 
 
+def _assert_same_trajectory(run_dir: Path, ref_dir: Path) -> None:
+    """Every logging step exactly once, each with the uninterrupted run's loss."""
+    losses, want = train_losses(run_dir), train_losses(ref_dir)
+    assert sorted(losses) == sorted(want) == list(range(5, 61, 5))
+    for step in want:
+        assert losses[step] == pytest.approx(want[step], rel=1e-4, abs=1e-5), f"step {step} diverged"
+
+
 def _run_in_thread(fn):
     box: dict = {}
 
@@ -153,7 +161,7 @@ def test_worker_killed_mid_run_resumes_without_losing_or_repeating_steps(zero2, 
     """FailureConfig restarts the workers from the step-20 checkpoint; steps 21.. replay exactly."""
     from rayft.sft import run_sft
 
-    ref_cfg, ref = zero2
+    _, ref = zero2
     cfg = tiny_sft_config(assets, tmp_path, "killed", ["train.save_steps=20", "train.max_steps=60",
                                                         "train.max_failures=2"])
     th, box = _run_in_thread(lambda: run_sft(cfg))
@@ -161,10 +169,7 @@ def test_worker_killed_mid_run_resumes_without_losing_or_repeating_steps(zero2, 
     th.join(timeout=600)
     assert "error" not in box, box.get("error")
     result = box["result"]
-    losses, want = train_losses(result.run_dir), train_losses(ref.run_dir)
-    assert sorted(losses) == sorted(want) == list(range(5, 61, 5))
-    for step in want:
-        assert losses[step] == pytest.approx(want[step], rel=1e-4, abs=1e-5), f"step {step} diverged"
+    _assert_same_trajectory(result.run_dir, ref.run_dir)
     assert result.metrics["eval_loss"] == pytest.approx(ref.metrics["eval_loss"], rel=1e-4)
     assert result.metrics["samples_seen"] == ref.metrics["samples_seen"]
 
@@ -183,10 +188,7 @@ def test_resubmitting_a_failed_run_resumes_it(zero2, assets, tmp_path):
     checkpoints = sorted(p.name for p in (tmp_path / "runs" / "resubmit").glob("checkpoint_*"))
     assert checkpoints, "no checkpoint was written before the kill"
     result = run_sft(cfg)
-    losses, want = train_losses(result.run_dir), train_losses(ref.run_dir)
-    assert sorted(losses) == list(range(5, 61, 5))
-    for step in want:
-        assert losses[step] == pytest.approx(want[step], rel=1e-4, abs=1e-5), f"step {step} diverged"
+    _assert_same_trajectory(result.run_dir, ref.run_dir)
 
 
 def test_qlora_path_trains_a_4bit_base(assets, ray_local, tmp_path):
