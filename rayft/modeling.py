@@ -73,7 +73,7 @@ def load_model(model_cfg: ModelConfig, ft_cfg: FinetuneConfig, *, use_gpu: bool,
 
     if ft_cfg.method == "full":
         if model_cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         return model
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -87,7 +87,7 @@ def load_model(model_cfg: ModelConfig, ft_cfg: FinetuneConfig, *, use_gpu: bool,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     elif model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     lora = ft_cfg.lora
     peft_cfg = LoraConfig(
