@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/sft.py` from a working dir
 
 from rayft.config import ConfigError, SFTConfig, load_config  # noqa: E402
+from rayft.data import DataError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from rayft.sft import run_sft
 
-    result = run_sft(cfg, num_cpus=args.num_cpus)
+    try:
+        result = run_sft(cfg, num_cpus=args.num_cpus)
+    except DataError as e:  # the user's data: say where, not a traceback
+        print(f"data error: {e}", file=sys.stderr)
+        return 2
     m = result.metrics
     safe_print(f"\nrun directory : {result.run_dir}\n"
                f"loss curve    : {result.run_dir / 'loss_curve.png'}\n"

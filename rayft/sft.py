@@ -48,23 +48,34 @@ def ensure_ray(num_cpus: int | None = None) -> float:
     return time.perf_counter() - t0
 
 
-def prepare(cfg: SFTConfig) -> Prepared:
-    """Read, validate and tokenize the data on the driver, once, and place the rows in the object store."""
-    import ray
-
+def tokenize(cfg: SFTConfig) -> tuple[dict, dict]:
+    """Read, validate and tokenize the data on the driver, once: ``({"train": rows, "eval": rows}, stats)``.
+    Runs before Ray starts, so bad data fails in seconds with ``file:row`` and no cluster cost."""
     from rayft.data import make_rows, prepare_data
     from rayft.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
     data = prepare_data(cfg.data, tokenizer, trust_remote_code=cfg.model.trust_remote_code)
-    train = make_rows(data.train, cfg.data.max_seq_len, cfg.data.packing)
-    evaluation = make_rows(data.eval, cfg.data.max_seq_len, cfg.data.packing)
+    rows = {"train": make_rows(data.train, cfg.data.max_seq_len, cfg.data.packing),
+            "eval": make_rows(data.eval, cfg.data.max_seq_len, cfg.data.packing)}
     tr = data.stats["train"]
     log.info("data: %d train examples -> %d rows (%s), %d eval examples; skipped %d bad rows, truncated %d, "
-             "dropped %d too long and %d without labels", len(data.train), len(train),
+             "dropped %d too long and %d without labels", len(data.train), len(rows["train"]),
              "packed" if cfg.data.packing else "unpacked", len(data.eval), tr["rows_skipped"], tr["truncated"],
              tr["dropped_too_long"], tr["dropped_no_labels"])
-    return Prepared(ray.put({"train": train, "eval": evaluation}), data.stats, len(train), len(evaluation))
+    return rows, data.stats
+
+
+def put(rows: dict, stats: dict) -> Prepared:
+    """Place tokenized rows in the object store once; every worker (and every sweep trial) reads them."""
+    import ray
+
+    return Prepared(ray.put(rows), stats, len(rows["train"]), len(rows["eval"]))
+
+
+def prepare(cfg: SFTConfig) -> Prepared:
+    """:func:`tokenize` + :func:`put` (Ray must be running)."""
+    return put(*tokenize(cfg))
 
 
 def build_trainer(cfg: SFTConfig, prepared: Prepared, *, callbacks: list | None = None):
@@ -161,11 +172,11 @@ def run_sft(cfg: SFTConfig, *, num_cpus: int | None = None) -> SFTResult:
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    timings = {"ray_init_s": ensure_ray(num_cpus)}
     t0 = time.perf_counter()
-    prepared = prepare(cfg)
-    (run_dir / "data_stats.json").write_text(json.dumps(prepared.stats, indent=2))
-    timings["data_prep_s"] = time.perf_counter() - t0
+    rows, stats = tokenize(cfg)
+    (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
+    timings = {"data_prep_s": time.perf_counter() - t0, "ray_init_s": ensure_ray(num_cpus)}
+    prepared = put(rows, stats)
     t0 = time.perf_counter()
     log.info("training %s with %d workers, ZeRO-%d, %s -> %s", cfg.model.name_or_path, cfg.train.num_workers,
              cfg.deepspeed.stage, cfg.finetune.method, run_dir)
