@@ -6,6 +6,7 @@ Unit tier: CPU, no Ray, the character-level tiny tokenizer and a tiny random Qwe
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,8 @@ from rayft.data import (
     tokenize_messages,
 )
 from rayft.tiny import arithmetic_rows, build_tiny_model, build_tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -423,3 +426,32 @@ def test_packed_loss_equals_unpacked_loss(tok, attn):
 def test_row_is_a_plain_record():
     r = Row(np.arange(3), np.arange(3), np.arange(3))
     assert collate([r], pad_id=0)["input_ids"].tolist() == [[0, 1, 2]]
+
+
+def test_hub_layout_dataset_with_the_shipped_gsm8k_data_section(tmp_path):
+    """A local folder laid out like the Hub's openai/gsm8k (config 'main', train/test parquet shards,
+    question/answer columns) goes through datasets.load_dataset exactly as the hub id would, with the
+    data section of configs/sft_qwen05b_gsm8k.yaml."""
+    import pandas as pd
+    import yaml
+
+    from rayft.tiny import arithmetic_problem
+
+    rng = random.Random(0)
+    root = tmp_path / "gsm8k"
+    (root / "main").mkdir(parents=True)
+    (root / "README.md").write_text(  # the dataset card header that declares configs, as on the Hub
+        "---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n    path: main/train-*\n"
+        "  - split: test\n    path: main/test-*\n---\n")
+    for split, n in (("train", 30), ("test", 6)):
+        probs = [arithmetic_problem(rng) for _ in range(n)]
+        pd.DataFrame({"question": [p["question"] for p in probs], "answer": [p["answer"] for p in probs]}) \
+            .to_parquet(root / "main" / f"{split}-00000-of-00001.parquet")
+    shipped = yaml.safe_load((ROOT / "configs" / "sft_qwen05b_gsm8k.yaml").read_text())["data"]
+    cfg = DataConfig(**{**shipped, "train": str(root), "max_seq_len": 512})
+    data = prepare_data(cfg, build_tiny_tokenizer())
+    assert len(data.train) == 30 and len(data.eval) == 6
+    assert data.stats["train"]["format"] == "prompt_completion"
+    first = data.train[0]
+    labelled = build_tiny_tokenizer().decode([t for t in first.labels if t != IGNORE_INDEX])
+    assert labelled.endswith("<|im_end|>\n") and "#### " in labelled and "How many" not in labelled
