@@ -25,15 +25,20 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def build_tiny_tokenizer():
-    """A character-level fast tokenizer: one token per printable ASCII character plus ChatML specials."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    """A character-level byte-level BPE tokenizer (no merges: one token per printable ASCII character) plus
+    ChatML specials. Byte-level like Qwen2's own, because ``AutoTokenizer`` rebuilds any ``qwen2`` model's
+    tokenizer as a ``Qwen2Tokenizer`` (byte-level pre-tokenizer): a plain character vocabulary lost its
+    whitespace on that reload."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    chars = list(string.printable)  # digits, letters, punctuation, whitespace incl. '\n'
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + ["<unk>"] + chars)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    byte_map = pre_tokenizers.ByteLevel.alphabet()  # the 256 byte-level symbols
+    to_symbol = {c: _byte_symbol(c) for c in string.printable}
+    assert set(to_symbol.values()) <= set(byte_map)
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + ["<unk>"] + list(dict.fromkeys(to_symbol.values())))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIAL_TOKENS)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -43,6 +48,17 @@ def build_tiny_tokenizer():
         chat_template=CHATML_TEMPLATE,
         model_max_length=2048,
     )
+
+
+def _byte_symbol(char: str) -> str:
+    """GPT-2's byte-to-unicode symbol for a one-byte character."""
+    b = ord(char)
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    if b in printable:
+        return chr(b)
+    others = [x for x in range(256) if x not in printable]
+    return chr(256 + others.index(b))
 
 
 def build_tiny_model(vocab_size: int, hidden_size: int = 128, layers: int = 2, seed: int = 0):

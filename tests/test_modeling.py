@@ -88,3 +88,14 @@ def test_chat_template_override(model_dir, tmp_path):
     tok = load_tokenizer(ModelConfig(name_or_path=model_dir), str(path))
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert text == "[user] hi\n"
+
+
+def test_tiny_tokenizer_survives_the_reload_users_do(model_dir):
+    """AutoTokenizer rebuilds a qwen2 model's tokenizer as Qwen2Tokenizer; whitespace must survive that."""
+    from rayft.tiny import build_tiny_tokenizer
+
+    text = "Lee has 29 pens.\n12 + 3 = 15\n#### 15<|im_end|>\n"
+    reloaded = load_tokenizer(ModelConfig(name_or_path=model_dir))
+    ids = reloaded(text, add_special_tokens=False)["input_ids"]
+    assert ids == build_tiny_tokenizer()(text, add_special_tokens=False)["input_ids"]
+    assert reloaded.decode(ids) == text
