@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.rayft-installed
 PIP    := $(BIN)/python -m pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install install-gpu assets demo test test-fast lint bench clean
+.PHONY: install install-gpu assets demo test test-fast lint bench bench-sweep clean
 
 install: $(STAMP)
 
@@ -41,6 +41,9 @@ lint: install
 
 bench: assets
 	$(BIN)/python bench/sft_throughput.py
+
+bench-sweep: assets
+	$(BIN)/python bench/sweep_asha_vs_grid.py
 
 clean:
 	rm -rf $(VENV) runs adapters assets

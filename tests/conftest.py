@@ -21,11 +21,19 @@ def assets(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def ray_local():
     """A 2-CPU local Ray with the dashboard (without it, ASHA-stopped trials do not release their workers:
-    ray issue #54305). Shut down, with every process it started, at the end of the session."""
+    ray issue #54305). Workers are told where the dashboard's API is (RAY_API_SERVER_ADDRESS): Ray Train's
+    placement-group cleaner finds the cluster through it, and auto-detection fails while other Ray instances
+    run on the machine. Shut down, with every process it started, at the end of the session."""
+    import socket
+
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=True,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_port=port, log_to_driver=True,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+                                       "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
     yield ray
     ray.shutdown()
 

@@ -1,0 +1,215 @@
+"""Local-Ray sweeps over the tiny SFT job: ASHA stops trials early and frees their workers, the best adapter
+reaches the registry and loads with plain PEFT, an interrupted sweep resumes without re-running finished trials."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID = {(r, lr) for r in (8, 16) for lr in (3e-4, 3e-3)}  # configs/sweep_tiny.yaml
+
+
+def sweep_overrides(assets: dict, tmp: Path, name: str) -> list[str]:
+    """The shipped tiny sweep, pointed at the session's assets and per-test run/registry directories."""
+    return [f"sft.config={ROOT / 'configs' / 'sft_tiny.yaml'}",
+            f"sft.model.name_or_path={assets['model']}", f"sft.data.train={assets['train']}",
+            f"sft.data.eval={assets['eval']}", f"run.name={name}", f"run.storage_path={tmp / 'runs'}",
+            f"run.registry={tmp / 'adapters'}"]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(assets, ray_local, tmp_path_factory):
+    from rayft.sweep import load_sweep, run_sweep
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    sweep, base = load_sweep(ROOT / "configs" / "sweep_tiny.yaml", sweep_overrides(assets, tmp, "tiny-sweep"))
+    return sweep, base, run_sweep(sweep, base)
+
+
+def test_every_trial_reports_and_asha_stops_some_early(tiny_sweep):
+    _, _, result = tiny_sweep
+    t = result.table
+    assert {(r, lr) for r, lr in zip(t.lora_rank, t.lr, strict=True)} == GRID and len(t) == 4
+    assert set(t.status) <= {"finished", "stopped"}, t.to_string()
+    assert t.eval_loss.notna().all() and (t.steps_run >= 10).all()  # every trial reported an eval
+    for trial_id in t.trial_id:  # ... through Tune: its result file has eval losses at eval steps
+        reported = read_jsonl(result.sweep_dir / trial_id / "result.json")
+        assert reported and all(r["eval_loss"] > 0 and r["step"] % 10 == 0 for r in reported)
+    stopped, finished = t[t.stopped_early], t[~t.stopped_early]
+    assert len(stopped) >= 1 and len(finished) >= 1, t.to_string()
+    assert (stopped.steps_run < 40).all() and (finished.steps_run == 40).all()
+    # a stopped trial's last report is at an ASHA rung (10 or 20), below the trial length
+    for trial_id in stopped.trial_id:
+        assert read_jsonl(result.sweep_dir / trial_id / "result.json")[-1]["step"] in (10, 20)
+    assert result.best["trial_id"] == finished.loc[finished.eval_loss.idxmin(), "trial_id"]
+    assert result.best["lr"] == 3e-3  # the 10x smaller learning rate is far behind after 40 steps
+
+
+def test_stopped_trials_released_their_workers(tiny_sweep, ray_local):
+    """A sweep with stopped trials finished at all (later trials got the freed CPUs), and afterwards no
+    placement group of any trial is left holding resources."""
+    from ray.util import placement_group_table
+
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        live = [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
+        if not live and ray_local.available_resources().get("CPU", 0) >= 2 - 1e-6:
+            break
+        time.sleep(1)
+    assert not live, live
+    assert ray_local.available_resources().get("CPU", 0) >= 2 - 1e-6
+
+
+def test_trials_show_in_the_dashboard(tiny_sweep, ray_local):
+    """Every trial's SFT run is in Ray Train's state (the dashboard's Train page reads it) and every trial was
+    a Tune actor (the dashboard's Actors page)."""
+    from ray.train.v2._internal.state.state_actor import get_state_actor
+    from ray.util.state import list_actors
+
+    sweep, _, result = tiny_sweep
+    runs = ray_local.get(get_state_actor().get_train_runs.remote())
+    names = {run.name for run in runs.values()}
+    assert {f"tiny-sweep-{t}" for t in result.table.trial_id} <= names, names
+    actors = list_actors(filters=[("class_name", "=", "ImplicitFunc")], limit=1000)
+    assert len(actors) >= 4
+
+
+def test_best_adapter_registered_and_loads_with_plain_peft(tiny_sweep):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from rayft import artifacts
+
+    sweep, base, result = tiny_sweep
+    best = result.best
+    path, m = artifacts.resolve(sweep.run.registry, "tiny-sweep-best")
+    assert path == result.adapter_dir
+    assert m.source["job"] == "sweep" and m.source["sweep"] == "tiny-sweep"
+    assert m.source["trial_id"] == best["trial_id"] and m.source["trials"] == 4
+    assert m.source["params"] == {"train.lr": best["lr"], "finetune.lora.r": best["lora_rank"]}
+    assert m.lora_rank == best["lora_rank"] and m.config["train"]["lr"] == best["lr"]
+    assert m.metrics["eval_loss"] == pytest.approx(best["eval_loss"]) and m.metrics["step"] == 40
+
+    probe = load_file(str(Path(best["run_dir"]) / "export_probe.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(base.model.name_or_path, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, str(path)).eval()
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"]).logits
+    torch.testing.assert_close(logits, probe["logits"], atol=1e-4, rtol=1e-4)  # the trained model's logits
+
+
+def test_results_table_plot_and_tensorboard_files(tiny_sweep):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, _, result = tiny_sweep
+    csv = pd.read_csv(result.sweep_dir / "results.csv")
+    assert len(csv) == 4
+    for col in ("lora_rank", "lr", "eval_loss", "steps_run", "stopped_early", "tokens_per_s", "wall_time_s"):
+        assert csv[col].notna().all(), col
+    assert (csv.tokens_per_s > 100).all() and (csv.wall_time_s > 0).all()
+    assert result.plot.stat().st_size > 10_000
+    summary = json.loads((result.sweep_dir / "summary.json").read_text())
+    assert summary["trials"] == 4 and summary["stopped_early"] == int(csv.stopped_early.sum())
+    trial_dir = result.sweep_dir / result.best["trial_id"]
+    (events,) = trial_dir.glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    evals = [e.value for e in acc.Scalars("ray/tune/eval_loss")]
+    assert evals[-1] == pytest.approx(result.best["eval_loss"], rel=1e-5)
+
+
+def test_a_sweep_that_cannot_fit_says_so_before_starting(assets, ray_local, tmp_path):
+    from rayft.sweep import SweepError, load_sweep, run_sweep
+
+    sweep, base = load_sweep(ROOT / "configs" / "sweep_tiny.yaml",
+                             [*sweep_overrides(assets, tmp_path, "too-big"), "sft.train.num_workers=3",
+                              "sft.train.cpus_per_worker=1"])
+    with pytest.raises(SweepError, match=r"one trial needs 3 workers x 1 CPU .* = 3.1 CPU, but the cluster has 2 CPU"):
+        run_sweep(sweep, base)
+    assert not (tmp_path / "runs" / "too-big" / "trials").exists()
+
+
+def _trial_states(sweep_dir: Path) -> dict[str, str]:
+    """Trial id -> status, as the sweep's last saved experiment state records them."""
+    states = sorted(sweep_dir.glob("experiment_state-*.json"))
+    if not states:
+        return {}
+    try:
+        data = json.loads(states[-1].read_text())
+    except json.JSONDecodeError:  # being rewritten
+        return {}
+    return {s["trial_id"]: s["status"] for s in (json.loads(t[0]) for t in data["trial_data"])}
+
+
+def _snapshot(sweep_dir: Path, trial_id: str, run_dir: Path) -> dict:
+    """What re-running a trial would change: the results Tune recorded for it (it rewrites its per-trial
+    files on restore, with the same content) and every file of its SFT run, down to the modification time,
+    but the export probe, which registering the best adapter copies there."""
+    tune_files = [sweep_dir / trial_id / "result.json", sweep_dir / trial_id / "progress.csv"]
+    run_files = [p for p in run_dir.rglob("*") if p.is_file() and p.name != "export_probe.safetensors"]
+    return {**{str(p): p.read_bytes() for p in tune_files},
+            **{str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in run_files}}
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(assets, ray_local, tmp_path):
+    """Kill the sweep's driver once a trial has finished (in the saved state) while others still run or wait,
+    then run the same sweep again: it restores the Tuner, finished trials keep their files untouched, the rest
+    complete, and the grid is covered exactly once."""
+    from rayft.sweep import load_sweep, run_sweep, trial_run_name
+
+    name = "resume-sweep"
+    overrides = sweep_overrides(assets, tmp_path, name)
+    sweep_dir = tmp_path / "runs" / name
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+           "RAY_API_SERVER_ADDRESS": "http://" + ray_local._private.worker._global_node.webui_url}
+    cmd = [sys.executable, str(ROOT / "jobs" / "sweep.py"), "--config", "configs/sweep_tiny.yaml"]
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(cmd + [a for o in overrides for a in ("--set", o)], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            states = _trial_states(sweep_dir)
+            done = {t for t, s in states.items() if s == "TERMINATED"}
+            if done and len(done) < 4:
+                break
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.5)
+        else:
+            pytest.fail("no trial finished in time")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    run_dir = {t: sweep_dir / "trials" / trial_run_name(name, t) for t in states}
+    before = {t: _snapshot(sweep_dir, t, run_dir[t]) for t in done}
+
+    sweep, base = load_sweep(ROOT / "configs" / "sweep_tiny.yaml", overrides)
+    result = run_sweep(sweep, base)
+
+    t = result.table
+    assert len(t) == 4 and {(r, lr) for r, lr in zip(t.lora_rank, t.lr, strict=True)} == GRID
+    assert set(t.status) <= {"finished", "stopped"} and done <= set(t.trial_id)
+    assert set(_trial_states(sweep_dir).values()) == {"TERMINATED"}
+    for trial_id in done:  # not re-run: not a byte of its Tune or SFT files changed, nothing added
+        assert _snapshot(sweep_dir, trial_id, run_dir[trial_id]) == before[trial_id], trial_id
+    for rd in t.run_dir:  # resumed trials redo no logged step twice
+        steps = [r["step"] for r in read_jsonl(Path(rd) / "metrics.jsonl")]
+        assert len(steps) == len(set(steps)), (rd, steps)
+    assert result.adapter_dir is not None and (result.adapter_dir / "adapter_model.safetensors").exists()
