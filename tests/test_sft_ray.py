@@ -126,7 +126,11 @@ def _kill_a_worker_when(run_dir: Path, min_step: int, timeout: float = 240) -> i
     while time.time() < deadline:
         path = run_dir / "metrics.jsonl"
         if path.exists() and any(r.get("step", 0) >= min_step for r in read_metrics(run_dir)):
-            actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            import ray
+
+            # name this session's cluster: auto-detection fails when another Ray runs on the machine
+            actors = list_actors(address=ray.get_runtime_context().gcs_address,
+                                 filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
             if actors:
                 pid = actors[-1].pid
                 os.kill(pid, signal.SIGKILL)
