@@ -11,6 +11,11 @@ On a cluster (Ray 2.60 clusters use token auth; the client needs RAY_AUTH_MODE=t
     RAY_AUTH_MODE=token ray job submit --address http://<head>:8265 --working-dir . -- \\
         python jobs/sweep.py --config configs/sweep_qwen05b.yaml
 
+Early stopping (ASHA) needs the Ray dashboard: a stopped trial's workers are freed by Ray Train's
+placement-group cleaner, which reaches the cluster through the dashboard's API. The job checks that from
+inside the cluster before starting and refuses ASHA when it fails; on a machine that runs several Ray
+instances, set ``RAY_API_SERVER_ADDRESS=http://<dashboard host:port>`` for the job (a local start does it).
+
 ``--set`` edits the sweep config by dotted path (``scheduler.grace_period=20``, ``search.num_samples=8``);
 keys under ``sft.`` edit the swept SFT config (``sft.train.max_steps=100``).
 

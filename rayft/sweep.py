@@ -16,9 +16,13 @@ Decisions worth knowing:
   export of a trial whose training is already paid for.
 * Tokenization happens once per sweep, on the driver, and every trial reads the same object-store rows, unless
   the space searches a field that changes tokenization (``data.*``, the model or its revision).
-* Trial ``k`` trains in ``<storage>/<sweep>/trials/<sweep>-<trial_id>`` (a normal SFT run directory: config,
-  ``metrics.jsonl``, checkpoints), so re-running an interrupted sweep restores the Tuner, leaves finished
-  trials alone and resumes unfinished ones from their last Ray Train checkpoint.
+* A trial trains in ``<storage>/<sweep>/trials/<sweep>-<trial dir>`` (a normal SFT run directory: config,
+  ``metrics.jsonl``, checkpoints), where ``<trial dir>`` is the name of Tune's own directory for the trial
+  (its trial id, plus a suffix Tune adds when that directory already exists), so re-running an interrupted
+  sweep restores the Tuner, leaves finished trials alone and resumes unfinished ones from their last Ray
+  Train checkpoint. The directory name, not the id, because a driver killed between starting a trial and
+  saving the experiment state leaves a trial whose id the restored Tuner hands out again to a new trial,
+  maybe with other parameters: Tune gives that one a fresh directory, and so does the SFT run.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from rayft.config import (
+    SERVABLE_LORA_RANKS,
     ConfigError,
     SFTConfig,
     Strict,
@@ -230,7 +235,7 @@ def validate_space(sweep: SweepConfig, base: SFTConfig) -> None:
             raise ConfigError(f"{where}: trial resources must be the same for every trial (concurrency is "
                               "planned from them); set it in sft.overrides")
         if p.bounds is not None and float not in _field_types(ann):
-            why = (f"only servable ranks {list(_servable())} can be trained" if path == "finetune.lora.r"
+            why = (f"only servable ranks {list(SERVABLE_LORA_RANKS)} can be trained" if path == "finetune.lora.r"
                    else "it is not a float field")
             raise ConfigError(f"{where}: {p.kind} draws real numbers but {why}; use choice or grid")
         for value in p.values if p.values is not None else p.bounds:
@@ -239,12 +244,6 @@ def validate_space(sweep: SweepConfig, base: SFTConfig) -> None:
             except ConfigError as e:
                 msg = str(e).split("\n", 1)[-1].strip()
                 raise ConfigError(f"{where}: value {value!r} is not accepted: {msg}") from None
-
-
-def _servable() -> tuple[int, ...]:
-    from rayft.config import SERVABLE_LORA_RANKS
-
-    return SERVABLE_LORA_RANKS
 
 
 def apply_params(base: SFTConfig | dict, params: dict[str, Any], **run: Any) -> SFTConfig:
@@ -456,7 +455,7 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
 
     from rayft.sft import build_trainer, prepare, run_dir_of
 
-    trial_id = ray.tune.get_context().get_trial_id()
+    trial_id = Path(ray.tune.get_context().get_trial_dir()).name  # == Path(result.path).name on the driver
     cfg = apply_params(setup.base, params, name=trial_run_name(setup.sweep, trial_id),
                        storage_path=setup.trials_dir, registry=setup.registry, adapter_name=None)
     run_dir = run_dir_of(cfg)

@@ -35,15 +35,19 @@ def read_jsonl(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tiny_sweep(assets, ray_local, tmp_path_factory):
+    from ray.util import placement_group_table
+
     from rayft.sweep import load_sweep, run_sweep
 
     tmp = tmp_path_factory.mktemp("sweep")
     sweep, base = load_sweep(ROOT / "configs" / "sweep_tiny.yaml", sweep_overrides(assets, tmp, "tiny-sweep"))
-    return sweep, base, run_sweep(sweep, base)
+    before = set(placement_group_table())
+    result = run_sweep(sweep, base)
+    return sweep, base, result, before
 
 
 def test_every_trial_reports_and_asha_stops_some_early(tiny_sweep):
-    _, _, result = tiny_sweep
+    _, _, result, _ = tiny_sweep
     t = result.table
     assert {(r, lr) for r, lr in zip(t.lora_rank, t.lr, strict=True)} == GRID and len(t) == 4
     assert set(t.status) <= {"finished", "stopped"}, t.to_string()
@@ -62,18 +66,19 @@ def test_every_trial_reports_and_asha_stops_some_early(tiny_sweep):
 
 
 def test_stopped_trials_released_their_workers(tiny_sweep, ray_local):
-    """A sweep with stopped trials finished at all (later trials got the freed CPUs), and afterwards no
-    placement group of any trial is left holding resources."""
+    """The sweep finished at all: later trials got the CPUs of those stopped early. And afterwards none of its
+    placement groups (Tune's per trial, Ray Train's per worker group) still holds resources."""
     from ray.util import placement_group_table
 
+    _, _, result, before = tiny_sweep
+    assert result.table.stopped_early.sum() >= 1 and result.timings["tune_fit_s"] < 600
     deadline = time.time() + 60
     while time.time() < deadline:
-        live = [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
-        if not live and ray_local.available_resources().get("CPU", 0) >= 2 - 1e-6:
+        live = {i: pg for i, pg in placement_group_table().items() if i not in before and pg["state"] != "REMOVED"}
+        if not live:
             break
         time.sleep(1)
     assert not live, live
-    assert ray_local.available_resources().get("CPU", 0) >= 2 - 1e-6
 
 
 def test_trials_show_in_the_dashboard(tiny_sweep, ray_local):
@@ -82,7 +87,7 @@ def test_trials_show_in_the_dashboard(tiny_sweep, ray_local):
     from ray.train.v2._internal.state.state_actor import get_state_actor
     from ray.util.state import list_actors
 
-    sweep, _, result = tiny_sweep
+    sweep, _, result, _ = tiny_sweep
     runs = ray_local.get(get_state_actor().get_train_runs.remote())
     names = {run.name for run in runs.values()}
     assert {f"tiny-sweep-{t}" for t in result.table.trial_id} <= names, names
@@ -97,7 +102,7 @@ def test_best_adapter_registered_and_loads_with_plain_peft(tiny_sweep):
 
     from rayft import artifacts
 
-    sweep, base, result = tiny_sweep
+    sweep, base, result, _ = tiny_sweep
     best = result.best
     path, m = artifacts.resolve(sweep.run.registry, "tiny-sweep-best")
     assert path == result.adapter_dir
@@ -118,7 +123,7 @@ def test_best_adapter_registered_and_loads_with_plain_peft(tiny_sweep):
 def test_results_table_plot_and_tensorboard_files(tiny_sweep):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    _, _, result = tiny_sweep
+    _, _, result, _ = tiny_sweep
     csv = pd.read_csv(result.sweep_dir / "results.csv")
     assert len(csv) == 4
     for col in ("lora_rank", "lr", "eval_loss", "steps_run", "stopped_early", "tokens_per_s", "wall_time_s"):
@@ -197,8 +202,20 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(assets, ray
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    states = _trial_states(sweep_dir)  # the state the driver saved last, maybe after the one seen above
+    done = {t for t, s in states.items() if s == "TERMINATED"}
     run_dir = {t: sweep_dir / "trials" / trial_run_name(name, t) for t in states}
     before = {t: _snapshot(sweep_dir, t, run_dir[t]) for t in done}
+    # A driver killed after starting a trial but before saving the experiment state leaves that trial's
+    # directory in its staging directory (which the restored Tuner reuses, see Ray's StorageContext), and the
+    # restored Tuner hands the trial's id out again (CI hit this once). When the saved state lacks a trial
+    # (the usual case at this point), recreate that situation instead of waiting for the timing to produce it.
+    reissued = f"{min(states).rsplit('_', 1)[0]}_{len(states):05d}" if len(states) < 4 else None
+    if reissued:
+        session = Path(ray_local._private.worker._global_node.get_session_dir_path())
+        staging = list(session.glob(f"artifacts/*/{name}/driver_artifacts"))
+        assert len(staging) == 1, staging
+        (staging[0] / reissued).mkdir(exist_ok=True)
 
     sweep, base = load_sweep(ROOT / "configs" / "sweep_tiny.yaml", overrides)
     result = run_sweep(sweep, base)
@@ -209,6 +226,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(assets, ray
     assert set(_trial_states(sweep_dir).values()) == {"TERMINATED"}
     for trial_id in done:  # not re-run: not a byte of its Tune or SFT files changed, nothing added
         assert _snapshot(sweep_dir, trial_id, run_dir[trial_id]) == before[trial_id], trial_id
+    if reissued:  # the new trial got a directory (and an SFT run) of its own
+        assert any(tid.startswith(reissued + "_") for tid in t.trial_id), list(t.trial_id)
     for rd in t.run_dir:  # resumed trials redo no logged step twice
         steps = [r["step"] for r in read_jsonl(Path(rd) / "metrics.jsonl")]
         assert len(steps) == len(set(steps)), (rd, steps)
