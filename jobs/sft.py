@@ -14,39 +14,22 @@ The adapter is registered under ``run.registry/<run.adapter_name or run.name>``.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/sft.py` from a working dir
 
-from rayft.config import ConfigError, SFTConfig, load_config  # noqa: E402
-from rayft.data import DataError  # noqa: E402
+from rayft.cli import run_job  # noqa: E402
+from rayft.config import SFTConfig, load_config  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML job config")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field by dotted path, e.g. train.lr=1e-4 (repeatable)")
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (ignored on a cluster)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        cfg = load_config(SFTConfig, args.config, args.set)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 2
+def sft(args) -> int:
+    cfg = load_config(SFTConfig, args.config, args.set)
     from ray.experimental.tqdm_ray import safe_print  # prints around the workers' progress bars
 
     from rayft.sft import run_sft
 
-    try:
-        result = run_sft(cfg, num_cpus=args.num_cpus)
-    except DataError as e:  # the user's data: say where, not a traceback
-        print(f"data error: {e}", file=sys.stderr)
-        return 2
+    result = run_sft(cfg, num_cpus=args.num_cpus)
     m = result.metrics
     safe_print(f"\nrun directory : {result.run_dir}\n"
                f"loss curve    : {result.run_dir / 'loss_curve.png'}\n"
@@ -54,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
                f"{m.get('train_tokens_per_s', 0):.0f} tokens/s\n"
                f"adapter       : {result.adapter_dir}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(__doc__, sft, argv)
 
 
 if __name__ == "__main__":

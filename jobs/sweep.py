@@ -29,44 +29,24 @@ run (Jobs, Actors and Train pages).
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/sweep.py` from a working dir
 
-from rayft.config import ConfigError  # noqa: E402
+from rayft.cli import run_job  # noqa: E402
 from rayft.sweep import SweepError, load_sweep  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML sweep config")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a sweep field by dotted path; sft.<path>=value edits the SFT config")
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (ignored on a cluster)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        sweep, base = load_sweep(args.config, args.set)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 2
-    from rayft.data import DataError
+def sweep_job(args) -> int:
+    sweep, base = load_sweep(args.config, args.set)
+    import ray
+
     from rayft.sweep import format_table, run_sweep
 
     try:
         result = run_sweep(sweep, base, num_cpus=args.num_cpus)
-    except (ConfigError, SweepError) as e:
-        print(f"sweep error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
-        print(f"data error: {e}", file=sys.stderr)
-        return 2
     finally:
-        import ray
-
         ray.shutdown()
     best = result.best
     print(f"\n{format_table(result.table)}\n\n"
@@ -80,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{sweep.metric} {best['eval_loss']:.4f} after {best['steps_run']} steps\n"
           f"adapter         : {result.adapter_dir}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(__doc__, sweep_job, argv, config_help="YAML sweep config",
+                   set_help="override a sweep field by dotted path; sft.<path>=value edits the SFT config",
+                   user_errors={SweepError: "sweep error: "})
 
 
 if __name__ == "__main__":

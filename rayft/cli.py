@@ -1,0 +1,39 @@
+"""The command-line contract every job in ``jobs/`` shares.
+
+``python jobs/<job>.py --config <yaml> [--set key=value ...] [--num-cpus N]``, the same under
+``ray job submit``. A user's mistake (a config field, a data row, a sweep that cannot fit) ends the job with
+exit code 2 and one message that names what to fix, never a traceback; anything else is a bug and raises.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from rayft.config import ConfigError
+from rayft.data import DataError
+
+# Exception type -> the prefix of its message on stderr (config messages already start with the field).
+USER_ERRORS: dict[type[Exception], str] = {ConfigError: "", DataError: "data error: "}
+
+
+def run_job(doc: str, body: Callable[[argparse.Namespace], int], argv: list[str] | None = None, *,
+            config_help: str = "YAML job config",
+            set_help: str = "override a config field by dotted path, e.g. train.lr=1e-4 (repeatable)",
+            user_errors: dict[type[Exception], str] | None = None) -> int:
+    """Parse the shared arguments, set up logging, run ``body(args)`` and turn user errors into exit code 2."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help=config_help)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (ignored on a cluster)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    errors = {**USER_ERRORS, **(user_errors or {})}
+    try:
+        return body(args)
+    except tuple(errors) as e:
+        prefix = next(p for t, p in errors.items() if isinstance(e, t))
+        print(f"{prefix}{e}", file=sys.stderr)
+        return 2
