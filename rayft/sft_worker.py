@@ -131,11 +131,22 @@ def save_probe(engine, row, path: Path, rank: int, device) -> None:
         save_file({"input_ids": ids, "logits": logits.contiguous()}, str(path))
 
 
+# Deprecation warnings raised inside the libraries (PEFT reads `is_gradient_checkpointing`, DeepSpeed calls
+# `all_gather_into_tensor`), printed once per worker per run: nothing a user of rayft can act on.
+THIRD_PARTY_DEPRECATIONS = (r"`is_gradient_checkpointing` is deprecated",
+                            r"`torch\.distributed\.all_gather_into_tensor` is deprecated")
+
+
 def _quiet_logs() -> None:
     """Our own line per logging step says what Ray Train V2 logs at INFO for every report (twice, with the
-    whole metrics dict); keep its per-report line out of the driver's output."""
+    whole metrics dict); keep its per-report line out of the driver's output, and the libraries' own
+    deprecation warnings with it."""
+    import warnings
+
     from ray.train.v2._internal.execution import context
 
+    for message in THIRD_PARTY_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
     if not log.handlers:
         handler = logging.StreamHandler()
