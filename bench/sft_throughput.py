@@ -685,7 +685,9 @@ def markdown(report: dict) -> str:
               "DeepSpeed init, model load, the step-0 and final evals (16 examples), the adapter export, Ray "
               "Train's shutdown, and the time `ray.train.report` blocks between steps (one report per logging "
               f"step, every {s['warmup']} steps here; Ray Train's controller takes reports one at a time when it "
-              "polls the workers, every 2 s by default), which is why runs with short steps show more of it.", ""]
+              "polls the workers: every 2 s by Ray's default, every 0.25 s as rayft sets it), which is why runs with "
+              "short steps show more of it. The first Ray Train run of a Ray session can take longer than the rest "
+              "(this run's first rayft configuration: see the table); the cause was not isolated.", ""]
 
     chk = report["checks"]
     same = {True: "identical", False: "**NOT identical**", None: "not compared (no unpacked TRL run)"}
