@@ -412,7 +412,7 @@ def rayft_padding(cfg, s: Settings, examples: list, spec: RunSpec) -> dict:
 
 
 def run_rayft(spec: RunSpec, s: Settings, paths: dict, work: Path, examples: list, attempt: int = 0) -> dict:
-    from rayft.sft import run_sft
+    from rayft.sft import read_metrics, run_sft
 
     cfg = rayft_config(spec, s, paths, work)
     cfg.run.name = f"{cfg.run.name}-{attempt}"  # a fresh run (a known name would resume)
@@ -422,7 +422,7 @@ def run_rayft(spec: RunSpec, s: Settings, paths: dict, work: Path, examples: lis
     metrics_path = result.run_dir / "metrics.jsonl"
     if metrics_path.stat().st_mtime < started:
         raise RuntimeError(f"{spec.name}: {metrics_path} predates this run (a resumed, already finished run?)")
-    recs = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    recs = read_metrics(result.run_dir)
     steps = [{"step": 0, "time": 0.0, "tokens": 0}]
     steps += [{"step": r["step"], "time": r["train_time_s"], "tokens": r["tokens_seen"]}
               for r in recs if "train_time_s" in r]

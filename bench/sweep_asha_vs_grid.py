@@ -65,6 +65,7 @@ def sweep_data(p: dict, assets: dict, work: Path, name: str, scheduler: str) -> 
 
 
 def run_one(p: dict, assets: dict, work: Path, scheduler: str) -> dict:
+    from rayft.sft import read_metrics
     from rayft.sweep import load_sweep, run_sweep
 
     sweep, base = load_sweep(data=sweep_data(p, assets, work, f"bench-{scheduler}", scheduler))
@@ -81,7 +82,7 @@ def run_one(p: dict, assets: dict, work: Path, scheduler: str) -> dict:
     best = result.best
     curves = {}
     for r in t.itertuples():
-        recs = [json.loads(ln) for ln in (Path(r.run_dir) / "metrics.jsonl").read_text().splitlines() if ln]
+        recs = read_metrics(Path(r.run_dir))
         curves[f"{r.lora_rank},{r.lr}"] = {rec["step"]: rec["eval_loss"] for rec in recs
                                             if rec.get("eval_loss") is not None and rec["step"] > 0}
     return {"curves": curves, "reports": reports, "order": [f"{r.lora_rank},{r.lr}" for r in t.sort_values("trial_id").itertuples()],

@@ -18,6 +18,7 @@ from rayft.config import SFTConfig, dump_config, resolve_paths, save_config
 
 log = logging.getLogger("rayft.sft")
 
+METRICS_FILE = "metrics.jsonl"
 POLL_ENV, POLL_DEFAULT_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"  # see build_trainer
 
 
@@ -39,6 +40,15 @@ class SFTResult:
 
 def run_dir_of(cfg: SFTConfig) -> Path:
     return Path(cfg.run.storage_path) / cfg.run.name
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of a run's ``metrics.jsonl`` (one per logged step, see ``sft_worker.MetricsFile``); empty
+    when the run has logged nothing yet."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
 def ensure_ray(num_cpus: int | None = None) -> float:
@@ -149,16 +159,16 @@ def register_result(cfg: SFTConfig, result, *, name: str | None = None, source: 
     return path, metrics
 
 
-def plot_loss_curve(metrics_path: Path, out: Path) -> Path | None:
-    """Train and eval loss against step, as a PNG beside the metrics."""
-    if not metrics_path.exists():
+def plot_loss_curve(run_dir: Path, out: Path) -> Path | None:
+    """Train and eval loss against step, as a PNG."""
+    if not (run_dir / METRICS_FILE).exists():
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    recs = read_metrics(run_dir)
     fig, ax = plt.subplots(figsize=(7, 4))
     tr = [r for r in recs if "loss" in r]
     ax.plot([r["step"] for r in tr], [r["loss"] for r in tr], label="train loss")
@@ -166,7 +176,7 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> Path | None:
     ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="eval loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("token cross-entropy")
-    ax.set_title(metrics_path.parent.name)
+    ax.set_title(run_dir.name)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -192,7 +202,7 @@ def run_sft(cfg: SFTConfig, *, num_cpus: int | None = None) -> SFTResult:
     result = build_trainer(cfg, prepared).fit()
     timings["fit_s"] = time.perf_counter() - t0
     adapter_dir, metrics = register_result(cfg, result)
-    plot = plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
+    plot = plot_loss_curve(run_dir, run_dir / "loss_curve.png")
     (run_dir / "summary.json").write_text(json.dumps(
         {"adapter": str(adapter_dir), "metrics": metrics, "timings": timings,
          "loss_curve": str(plot) if plot else None}, indent=2))

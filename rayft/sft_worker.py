@@ -29,6 +29,7 @@ from rayft.data import collate
 from rayft.ds_config import build_ds_config, check_engine
 from rayft.modeling import load_model, load_tokenizer, resolve_dtype
 from rayft.schedule import Plan
+from rayft.sft import METRICS_FILE
 
 log = logging.getLogger("rayft.sft")
 STATE_FILE = "trainer_state.json"
@@ -301,7 +302,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if isinstance(progress, dict):
         ray.train.report(progress)  # a finished run resubmitted: nothing left to do
         return
-    metrics_file = MetricsFile(s.run_dir / "metrics.jsonl", progress.step) if rank == 0 else None
+    metrics_file = MetricsFile(s.run_dir / METRICS_FILE, progress.step) if rank == 0 else None
     bar = _progress_bar(s, progress.step) if rank == 0 and cfg.run.progress else None
     if progress.step == 0:  # the starting point, so every run shows how far it moved
         eval0 = s.evaluate()

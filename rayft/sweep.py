@@ -624,14 +624,10 @@ def finish(sweep: SweepConfig, base: SFTConfig, grid, sweep_dir: Path, registry:
     return SweepResult(sweep_dir, table, best, adapter_dir, plot, timings)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-
-
 def trial_row(sweep: SweepConfig, base: SFTConfig, result, sweep_dir: Path, registry: str) -> dict:
     """One table row from a Tune result and the trial's own run directory."""
+    from rayft.sft import read_metrics
+
     trial_id = Path(result.path).name
     params = {k: v for k, v in result.config.items() if k in sweep.search.space}
     cfg = apply_params(base, params, name=trial_run_name(sweep.run.name, trial_id),
@@ -640,7 +636,7 @@ def trial_row(sweep: SweepConfig, base: SFTConfig, result, sweep_dir: Path, regi
     last = result.metrics or {}
     done = json.loads((run_dir / TRIAL_RESULT).read_text()) if (run_dir / TRIAL_RESULT).exists() else None
     final = (done or {}).get("metrics") or {}
-    logged = [r["step"] for r in _read_jsonl(run_dir / "metrics.jsonl")]
+    logged = [r["step"] for r in read_metrics(run_dir)]
     steps = max([*logged, last.get("step", 0), final.get("step", 0)])
     status = "error" if result.error is not None else "finished" if done else "stopped"
     seen, secs = last.get("tokens_seen"), last.get("train_time_s")

@@ -12,14 +12,12 @@ pytestmark = [pytest.mark.gpu, pytest.mark.ray,
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_bf16_nccl_sft_learns(assets, ray_local, tmp_path, stage):
-    import json
-
-    from rayft.sft import run_sft
+    from rayft.sft import read_metrics, run_sft
 
     cfg = tiny_sft_config(assets, tmp_path, f"gpu-z{stage}", [
         "train.use_gpu=true", "train.num_workers=1", f"deepspeed.stage={stage}", "model.dtype=bf16",
         "train.max_steps=40", "train.eval_steps=40"])
     result = run_sft(cfg)
-    recs = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = read_metrics(result.run_dir)
     ev = {r["step"]: r["eval_loss"] for r in recs if "eval_loss" in r}
     assert ev[40] < 0.5 * ev[0]

@@ -13,11 +13,11 @@ import pytest
 import torch
 from conftest import tiny_sft_config
 
+from rayft.sft import read_metrics
+
 pytestmark = pytest.mark.ray
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:

@@ -177,6 +177,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(assets, ray
     """Kill the sweep's driver once a trial has finished (in the saved state) while others still run or wait,
     then run the same sweep again: it restores the Tuner, finished trials keep their files untouched, the rest
     complete, and the grid is covered exactly once."""
+    from rayft.sft import read_metrics
     from rayft.sweep import load_sweep, run_sweep, trial_run_name
 
     name = "resume-sweep"
@@ -229,6 +230,6 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(assets, ray
     if reissued:  # the new trial got a directory (and an SFT run) of its own
         assert any(tid.startswith(reissued + "_") for tid in t.trial_id), list(t.trial_id)
     for rd in t.run_dir:  # resumed trials redo no logged step twice
-        steps = [r["step"] for r in read_jsonl(Path(rd) / "metrics.jsonl")]
+        steps = [r["step"] for r in read_metrics(Path(rd))]
         assert len(steps) == len(set(steps)), (rd, steps)
     assert result.adapter_dir is not None and (result.adapter_dir / "adapter_model.safetensors").exists()
