@@ -31,10 +31,10 @@ def build_tiny_tokenizer():
     whitespace on that reload."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2's byte -> symbol map
 
-    byte_map = pre_tokenizers.ByteLevel.alphabet()  # the 256 byte-level symbols
-    to_symbol = {c: _byte_symbol(c) for c in string.printable}
-    assert set(to_symbol.values()) <= set(byte_map)
+    byte_symbol = bytes_to_unicode()
+    to_symbol = {c: byte_symbol[ord(c)] for c in string.printable}
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + ["<unk>"] + list(dict.fromkeys(to_symbol.values())))}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -48,17 +48,6 @@ def build_tiny_tokenizer():
         chat_template=CHATML_TEMPLATE,
         model_max_length=2048,
     )
-
-
-def _byte_symbol(char: str) -> str:
-    """GPT-2's byte-to-unicode symbol for a one-byte character."""
-    b = ord(char)
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    if b in printable:
-        return chr(b)
-    others = [x for x in range(256) if x not in printable]
-    return chr(256 + others.index(b))
 
 
 def build_tiny_model(vocab_size: int, hidden_size: int = 128, layers: int = 2, seed: int = 0):
