@@ -357,9 +357,9 @@ def asha_max_t(sweep: SweepConfig, base: SFTConfig, rows: dict | None) -> int:
     return plan.total_steps(t.epochs, t.max_steps)
 
 
-def init_ray(num_cpus: int | None = None) -> float:
+def init_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = None) -> float:
     """Connect to the cluster (``ray job submit`` sets RAY_ADDRESS) or start a local one with the dashboard;
-    returns seconds.
+    returns seconds. ``env_vars`` go to every worker (the job's runtime_env).
 
     A local start tells every worker where the dashboard's API is (RAY_API_SERVER_ADDRESS); when connecting,
     a RAY_API_SERVER_ADDRESS in the driver's environment is passed on to the job's workers. Ray Train's
@@ -372,17 +372,20 @@ def init_ray(num_cpus: int | None = None) -> float:
     import ray
 
     t0 = time.perf_counter()
+    env = dict(env_vars or {})
     if ray.is_initialized():
         pass
     elif os.environ.get("RAY_ADDRESS"):
-        api = os.environ.get("RAY_API_SERVER_ADDRESS")
-        ray.init(log_to_driver=True, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}} if api else None)
+        if os.environ.get("RAY_API_SERVER_ADDRESS"):
+            env["RAY_API_SERVER_ADDRESS"] = os.environ["RAY_API_SERVER_ADDRESS"]
+        ray.init(log_to_driver=True, runtime_env={"env_vars": env} if env else None)
     else:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_port=port, log_to_driver=True,
-                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+                 runtime_env={"env_vars": env})
     return time.perf_counter() - t0
 
 

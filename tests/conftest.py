@@ -24,16 +24,12 @@ def ray_local():
     ray issue #54305). Workers are told where the dashboard's API is (RAY_API_SERVER_ADDRESS): Ray Train's
     placement-group cleaner finds the cluster through it, and auto-detection fails while other Ray instances
     run on the machine. Shut down, with every process it started, at the end of the session."""
-    import socket
-
     import ray
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_port=port, log_to_driver=True,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-                                       "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+    from rayft.sweep import init_ray
+
+    assert not os.environ.get("RAY_ADDRESS"), "the tests start their own Ray; unset RAY_ADDRESS"
+    init_ray(2, env_vars={"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})
     yield ray
     ray.shutdown()
 
