@@ -440,6 +440,14 @@ def trial_run_name(sweep: str, trial_id: str) -> str:
     return f"{sweep}-{trial_id}"
 
 
+def trial_config(base: SFTConfig | dict, params: dict, *, sweep: str, trials_dir: str, trial_dir: str,
+                 registry: str) -> SFTConfig:
+    """The SFT config of one trial. The trial trains with it and the driver's table finds the trial's run
+    directory from it, so both must build it here, from Tune's trial directory name (see the module docstring)."""
+    return apply_params(base, params, name=trial_run_name(sweep, trial_dir), storage_path=trials_dir,
+                        registry=registry, adapter_name=None)
+
+
 def _metric_reports(metric: str):
     """``TuneReportCallback`` that forwards only the reports carrying ``metric`` (eval steps and the end)."""
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -459,8 +467,8 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
     from rayft.sft import build_trainer, prepare, run_dir_of
 
     trial_id = Path(ray.tune.get_context().get_trial_dir()).name  # == Path(result.path).name on the driver
-    cfg = apply_params(setup.base, params, name=trial_run_name(setup.sweep, trial_id),
-                       storage_path=setup.trials_dir, registry=setup.registry, adapter_name=None)
+    cfg = trial_config(setup.base, params, sweep=setup.sweep, trials_dir=setup.trials_dir, trial_dir=trial_id,
+                       registry=setup.registry)
     run_dir = run_dir_of(cfg)
     save_config(cfg, run_dir / "config.yaml")
     prepared = setup.prepared or prepare(cfg)
@@ -629,13 +637,13 @@ def finish(sweep: SweepConfig, base: SFTConfig, grid, sweep_dir: Path, registry:
 
 def trial_row(sweep: SweepConfig, base: SFTConfig, result, sweep_dir: Path, registry: str) -> dict:
     """One table row from a Tune result and the trial's own run directory."""
-    from rayft.sft import read_metrics
+    from rayft.sft import read_metrics, run_dir_of
 
     trial_id = Path(result.path).name
     params = {k: v for k, v in result.config.items() if k in sweep.search.space}
-    cfg = apply_params(base, params, name=trial_run_name(sweep.run.name, trial_id),
-                       storage_path=str(sweep_dir / "trials"), registry=registry, adapter_name=None)
-    run_dir = Path(cfg.run.storage_path) / cfg.run.name
+    cfg = trial_config(base, params, sweep=sweep.run.name, trials_dir=str(sweep_dir / "trials"),
+                       trial_dir=trial_id, registry=registry)
+    run_dir = run_dir_of(cfg)
     last = result.metrics or {}
     done = json.loads((run_dir / TRIAL_RESULT).read_text()) if (run_dir / TRIAL_RESULT).exists() else None
     final = (done or {}).get("metrics") or {}
