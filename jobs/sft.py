@@ -8,7 +8,9 @@ On a cluster (Ray 2.60 clusters use token auth; the client needs RAY_AUTH_MODE=t
     ray job submit --address http://<head>:8265 --working-dir . -- \
         python jobs/sft.py --config configs/sft_qwen05b_gsm8k.yaml
 
-Re-running with the same ``run.name`` (and ``run.storage_path``) resumes from its last checkpoint.
+Re-running with the same ``run.name`` (and ``run.storage_path``) resumes from its last checkpoint; a changed
+config is refused (only the fields in rayft.config.RESUME_MAY_CHANGE may differ). RAYFT_VERBOSE=1 shows
+the workers' own output.
 The adapter is registered under ``run.registry/<run.adapter_name or run.name>``.
 """
 
@@ -25,13 +27,11 @@ from rayft.config import SFTConfig, load_config  # noqa: E402
 
 def sft(args) -> int:
     cfg = load_config(SFTConfig, args.config, args.set)
-    from ray.experimental.tqdm_ray import safe_print  # prints around the workers' progress bars
-
     from rayft.sft import run_sft
 
     result = run_sft(cfg, num_cpus=args.num_cpus)
     m = result.metrics
-    safe_print(f"\nrun directory : {result.run_dir}\n"
+    print(f"\nrun directory : {result.run_dir}\n"
                f"loss curve    : {result.run_dir / 'loss_curve.png'}\n"
                f"final eval    : loss {m.get('eval_loss'):.4f} after {m.get('step')} steps, "
                f"{m.get('train_tokens_per_s', 0):.0f} tokens/s\n"

@@ -13,13 +13,20 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-# LoRA ranks that serving engines accept (vLLM's ``max_lora_rank`` choices). Training an adapter with any other
-# rank produces something the serving path cannot load, so it is rejected when the config is read.
-SERVABLE_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# Fields a resumed run may change (a resubmission with any other change is refused, see
+# ``changed_fields``): how long it trains and how it reports, never what or how it learns.
+RESUME_MAY_CHANGE = (
+    "train.max_steps", "train.epochs", "train.logging_steps", "train.eval_steps", "train.save_steps",
+    "train.keep_checkpoints", "train.max_failures", "run.progress",
+)
 
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the field and the rule."""
+
+
+class ModelLoadError(ConfigError):
+    """The model or tokenizer the config names cannot be loaded (a wrong path or id, no chat template)."""
 
 
 class Strict(BaseModel):
@@ -38,20 +45,12 @@ class ModelConfig(Strict):
 
 
 class LoraConfig(Strict):
-    r: int = 16
-    alpha: int = 32
+    # Any positive rank: vLLM's list (1, 8, 16, ...) is the set of values its *server* setting max_lora_rank
+    # takes, and every adapter of rank <= that setting loads; serving picks the setting from the ranks it serves.
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
-
-    @field_validator("r")
-    @classmethod
-    def _servable_rank(cls, r: int) -> int:
-        if r not in SERVABLE_LORA_RANKS:
-            raise ValueError(
-                f"LoRA rank {r} cannot be served: vLLM accepts only ranks {list(SERVABLE_LORA_RANKS)} "
-                "(its max_lora_rank choices), so an adapter of this rank could be trained but never served"
-            )
-        return r
 
     @field_validator("target_modules")
     @classmethod
@@ -64,6 +63,9 @@ class LoraConfig(Strict):
 class FinetuneConfig(Strict):
     method: Literal["full", "lora", "qlora"] = "lora"
     lora: LoraConfig = LoraConfig()
+    init_adapter: str | None = Field(
+        None, description="continue training this adapter: a name in run.registry, or a PEFT adapter directory; "
+        "its LoRA settings then come from the adapter, and it is the reference policy for DPO and RL")
 
 
 class DataConfig(Strict):
@@ -140,20 +142,37 @@ class RunConfig(Strict):
     progress: bool = True
 
 
-class SFTConfig(Strict):
+class TrainingJobConfig(Strict):
+    """The sections every training job shares (SFT, DPO, reward model, the RL learner): the engine reads these;
+    a job's config adds its own sections (``data`` for SFT) and rules."""
+
     model: ModelConfig
     finetune: FinetuneConfig = FinetuneConfig()
-    data: DataConfig
     train: TrainConfig = TrainConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     run: RunConfig = RunConfig()
 
     @model_validator(mode="after")
-    def _cross_field(self):
+    def _engine_rules(self):
         if self.finetune.method == "qlora" and self.deepspeed.stage == 3:
             raise ValueError(
                 "finetune.method=qlora cannot run under deepspeed.stage=3: 4-bit weights cannot be partitioned; use stage 0-2"
             )
+        if self.model.dtype == "fp16" and not self.train.use_gpu:
+            raise ValueError(
+                "model.dtype=fp16 needs train.use_gpu=true: fp16 mixed precision (fp32 master weights, dynamic loss "
+                "scaling) runs on GPUs; on CPU use fp32 (or bf16)"
+            )
+        if self.finetune.init_adapter and self.finetune.method == "full":
+            raise ValueError("finetune.init_adapter continues a LoRA adapter; it needs finetune.method lora or qlora")
+        return self
+
+
+class SFTConfig(TrainingJobConfig):
+    data: DataConfig
+
+    @model_validator(mode="after")
+    def _cross_field(self):
         if self.data.eval is None and self.data.eval_split is None and self.data.eval_fraction == 0:
             raise ValueError("no held-out data: set data.eval, data.eval_split or data.eval_fraction > 0")
         return self
@@ -252,7 +271,29 @@ def save_config(cfg: BaseModel, path: str | Path) -> Path:
     return path
 
 
-def resolve_paths(cfg: SFTConfig, base: str | Path | None = None) -> SFTConfig:
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def changed_fields(old: dict, new: dict, allowed: tuple[str, ...] = RESUME_MAY_CHANGE) -> list[str]:
+    """``"path: old -> new"`` for every field that differs between two config dumps, except ``allowed`` ones.
+
+    >>> changed_fields({"train": {"lr": 1e-4, "max_steps": 10}}, {"train": {"lr": 2e-4, "max_steps": 20}})
+    ['train.lr: 0.0001 -> 0.0002']
+    """
+    a, b = _flatten(old), _flatten(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k not in allowed]
+
+
+def resolve_paths(cfg: C, base: str | Path | None = None) -> C:
     """Make local paths absolute so that Ray workers (other cwd, other node with shared storage) see them.
 
     Hub ids (``org/name`` that does not exist locally) are left as they are.
@@ -269,10 +310,14 @@ def resolve_paths(cfg: SFTConfig, base: str | Path | None = None) -> SFTConfig:
 
     out = cfg.model_copy(deep=True)
     out.model.name_or_path = fix(out.model.name_or_path)
-    out.data.train = fix(out.data.train)
-    out.data.eval = fix(out.data.eval)
-    if out.data.chat_template and Path(out.data.chat_template).suffix in (".jinja", ".j2", ".txt"):
-        out.data.chat_template = fix(out.data.chat_template)
+    if out.finetune.init_adapter:
+        out.finetune.init_adapter = fix(out.finetune.init_adapter)
+    data = getattr(out, "data", None)
+    if data is not None:
+        data.train = fix(data.train)
+        data.eval = fix(data.eval)
+        if data.chat_template and Path(data.chat_template).suffix in (".jinja", ".j2", ".txt"):
+            data.chat_template = fix(data.chat_template)
     for attr in ("storage_path", "registry"):
         p = Path(getattr(out.run, attr)).expanduser()
         if "://" not in getattr(out.run, attr):

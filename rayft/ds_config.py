@@ -7,10 +7,12 @@ the top level, where they do nothing). So the dict is generated here, never hand
 
 from __future__ import annotations
 
-from rayft.config import SFTConfig
+from rayft.config import TrainingJobConfig
 
 
-def build_ds_config(cfg: SFTConfig, world_size: int, *, bf16: bool) -> dict:
+def build_ds_config(cfg: TrainingJobConfig, world_size: int, *, bf16: bool, fp16: bool = False) -> dict:
+    """``fp16``: mixed precision with fp32 master weights in the optimizer and dynamic loss scaling (a
+    window of 1000 clean steps before the scale grows; GPU only, the config refuses it on CPU)."""
     t, z = cfg.train, cfg.deepspeed
     zero: dict = {"stage": z.stage}
     if z.stage >= 1:
@@ -29,6 +31,8 @@ def build_ds_config(cfg: SFTConfig, world_size: int, *, bf16: bool) -> dict:
         "train_batch_size": cfg.global_batch_size(world_size),
         "gradient_clipping": t.max_grad_norm,
         "bf16": {"enabled": bf16},
+        "fp16": {"enabled": fp16, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                 "hysteresis": 2, "min_loss_scale": 1},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,  # our own logging reports every step; keep DeepSpeed quiet
@@ -36,7 +40,7 @@ def build_ds_config(cfg: SFTConfig, world_size: int, *, bf16: bool) -> dict:
     }
 
 
-def check_engine(engine, cfg: SFTConfig, world_size: int) -> None:
+def check_engine(engine, cfg: TrainingJobConfig, world_size: int) -> None:
     """Fail loudly if DeepSpeed did not take a setting we generated."""
     z = cfg.deepspeed
     got = {
@@ -46,6 +50,8 @@ def check_engine(engine, cfg: SFTConfig, world_size: int) -> None:
         "global batch": engine.train_batch_size(),
         "optimizer offload": bool(engine.zero_cpu_offload()) if z.stage > 0 else False,
         "gradient clipping": engine.gradient_clipping(),
+        "fp16": engine.fp16_enabled(),
+        "bf16": engine.bfloat16_enabled(),
     }
     want = {
         "zero stage": z.stage,
@@ -54,6 +60,8 @@ def check_engine(engine, cfg: SFTConfig, world_size: int) -> None:
         "global batch": cfg.global_batch_size(world_size),
         "optimizer offload": z.offload_optimizer,
         "gradient clipping": cfg.train.max_grad_norm,
+        "fp16": cfg.model.dtype == "fp16",
+        "bf16": cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and cfg.train.use_gpu),
     }
     diff = {k: (want[k], got[k]) for k in want if want[k] != got[k]}
     if diff:

@@ -1,4 +1,11 @@
-"""Model and tokenizer loading: hub id or local path, full fine-tuning, LoRA or QLoRA (bitsandbytes nf4)."""
+"""Model and tokenizer loading: hub id or local path, full fine-tuning, LoRA or QLoRA (bitsandbytes nf4).
+
+Heads (``head``): ``causal_lm`` (SFT, DPO, the RL policy), ``seq_cls`` (one score per sequence: reward models)
+and ``value`` (one score per token: the PPO critic). The two score heads are transformers' own
+``*ForSequenceClassification`` / ``*ForTokenClassification`` with ``num_labels=1``, so their checkpoints load
+with plain transformers/PEFT; under LoRA their ``score`` layer is trained in full and saved with the adapter
+(PEFT's ``modules_to_save`` for the SEQ_CLS / TOKEN_CLS task types).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +14,15 @@ from pathlib import Path
 
 import torch
 
-from rayft.config import FinetuneConfig, ModelConfig
+from rayft.config import FinetuneConfig, ModelConfig, ModelLoadError
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+HEADS = {"causal_lm": ("AutoModelForCausalLM", "CAUSAL_LM"),
+         "seq_cls": ("AutoModelForSequenceClassification", "SEQ_CLS"),
+         "value": ("AutoModelForTokenClassification", "TOKEN_CLS")}
+REFERENCE_ADAPTER = "reference"  # the frozen copy of a continued adapter (see load_model)
 
 
 def resolve_dtype(cfg: ModelConfig, use_gpu: bool) -> torch.dtype:
@@ -25,14 +36,17 @@ def load_tokenizer(cfg: ModelConfig, chat_template: str | None = None):
     """The model's tokenizer; ``chat_template`` (Jinja text or a path to one) replaces the model's own."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(
-        cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-    )
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as e:  # hub errors are OSErrors; a bad local folder raises either
+        raise ModelLoadError(_not_found(cfg.name_or_path, e)) from None
     if chat_template:
         path = Path(chat_template)
         tok.chat_template = path.read_text() if len(chat_template) < 4096 and path.is_file() else chat_template
     if tok.chat_template is None:
-        raise ValueError(
+        raise ModelLoadError(
             f"{cfg.name_or_path} has no chat template; set data.chat_template (Jinja text or a .jinja file)"
         )
     if tok.pad_token_id is None:
@@ -41,22 +55,54 @@ def load_tokenizer(cfg: ModelConfig, chat_template: str | None = None):
     return tok
 
 
-def load_model(model_cfg: ModelConfig, ft_cfg: FinetuneConfig, *, use_gpu: bool, device: torch.device | None = None):
-    """Load the causal LM and wrap it for the chosen fine-tuning method.
+def _not_found(name: str, err: Exception) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    looks_local = name.startswith((".", "/", "~")) or Path(name).parts[:1] in (("assets",), ("runs",), ("adapters",))
+    hint = " (the tiny demo model is built by `make assets`)" if "tiny-model" in name else ""
+    where = "no such local directory" if looks_local or not Path(name).exists() else "cannot be read"
+    return (f"model.name_or_path={name}: {where}, and it cannot be loaded as a Hugging Face Hub id either "
+            f"({first}){hint}")
+
+
+def check_model_source(cfg: ModelConfig) -> None:
+    """Fail on the driver, before any cluster work, when the model's config cannot be found or read."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(_not_found(cfg.name_or_path, e)) from None
+
+
+def load_model(model_cfg: ModelConfig, ft_cfg: FinetuneConfig, *, use_gpu: bool, device: torch.device | None = None,
+               head: str = "causal_lm", init_adapter: str | None = None, reference: bool = False,
+               pad_token_id: int | None = None):
+    """Load the model with its ``head`` and wrap it for the chosen fine-tuning method.
+
+    ``init_adapter`` (a PEFT adapter directory) continues that adapter instead of starting a fresh LoRA; with
+    ``reference`` it is loaded a second time, frozen, as the adapter named ``REFERENCE_ADAPTER``: the
+    starting policy for DPO and RL, on the same base weights (no second base in memory). For a fresh LoRA
+    the reference is the base with adapters disabled, and for full fine-tuning the engine keeps a frozen copy.
 
     Under ZeRO-3 the caller creates ``transformers.integrations.HfDeepSpeedConfig`` first, so that
     ``from_pretrained`` materialises the weights already partitioned across workers.
     """
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     dtype = resolve_dtype(model_cfg, use_gpu)
+    # fp16 mixed precision: DeepSpeed casts the module to fp16 and keeps fp32 master weights; loading the
+    # weights in fp32 lets it make those masters from the original values, not from fp16 roundings.
+    load_dtype = torch.float32 if model_cfg.dtype == "fp16" else dtype
+    auto_cls, task_type = HEADS[head]
     kwargs: dict = dict(
         revision=model_cfg.revision,
         trust_remote_code=model_cfg.trust_remote_code,
-        dtype=dtype,
+        dtype=load_dtype,
         attn_implementation=model_cfg.attn_implementation,
-        use_cache=False,
+        use_cache=False,  # the engine also passes use_cache=False on every forward: packing needs it
     )
+    if head != "causal_lm":
+        kwargs.update(num_labels=1, pad_token_id=pad_token_id)
     if ft_cfg.method == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -69,14 +115,17 @@ def load_model(model_cfg: ModelConfig, ft_cfg: FinetuneConfig, *, use_gpu: bool,
         )
         if device is not None and device.type == "cuda":
             kwargs["device_map"] = {"": device.index or 0}
-    model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, **kwargs)
+    try:
+        model = getattr(transformers, auto_cls).from_pretrained(model_cfg.name_or_path, **kwargs)
+    except OSError as e:
+        raise ModelLoadError(_not_found(model_cfg.name_or_path, e)) from None
 
     if ft_cfg.method == "full":
         if model_cfg.gradient_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         return model
 
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if ft_cfg.method == "qlora":
         if not use_gpu:
@@ -89,18 +138,19 @@ def load_model(model_cfg: ModelConfig, ft_cfg: FinetuneConfig, *, use_gpu: bool,
     elif model_cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    lora = ft_cfg.lora
-    peft_cfg = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, peft_cfg)
+    if init_adapter:
+        model = PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
+        if reference:
+            model.load_adapter(init_adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+            model.set_adapter("default")  # trainable again; the reference stays frozen
+    else:
+        lora = ft_cfg.lora
+        model = get_peft_model(model, LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+            task_type=task_type))
     trainable, total = model.get_nb_trainable_parameters()
-    log.info("LoRA r=%d on %s: %d trainable of %d parameters (%.2f%%)",
-             lora.r, lora.target_modules, trainable, total, 100 * trainable / max(total, 1))
+    log.info("LoRA (%s) on %s: %d trainable of %d parameters (%.2f%%)", init_adapter or f"new, r={ft_cfg.lora.r}",
+             head, trainable, total, 100 * trainable / max(total, 1))
     return model
 
 

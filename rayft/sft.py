@@ -1,7 +1,10 @@
-"""SFT driver: tokenize once on the driver, train on Ray Train workers, register the artifact.
+"""SFT driver: check and tokenize on the driver, train on Ray Train workers (the engine with the SFT objective),
+register the artifact.
 
 The pieces are separate functions so the sweep job can reuse them per trial:
 :func:`prepare` (tokenize + put in the object store), :func:`build_trainer`, :func:`register_result`.
+Everything a user can get wrong (config, model path, chat template, data rows, too few rows for one step,
+a resubmission with another config) fails in :func:`tokenize` / :func:`check_run`, before Ray starts.
 """
 
 from __future__ import annotations
@@ -14,20 +17,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rayft import artifacts
-from rayft.config import SFTConfig, dump_config, resolve_paths, save_config
+from rayft.config import ConfigError, SFTConfig, dump_config, resolve_paths, save_config
+from rayft.data import DataError
+from rayft.runs import (
+    CONFIG_FILE,
+    DATA_STATS_FILE,
+    FINAL_DIR,
+    LOSS_CURVE,
+    PROBE_FILE,
+    STATE_FILE,
+    SUMMARY_FILE,
+    check_resume,
+    read_metrics,
+    run_dir_of,
+)
+from rayft.schedule import Plan
 
 log = logging.getLogger("rayft.sft")
 
-METRICS_FILE = "metrics.jsonl"
 POLL_ENV, POLL_DEFAULT_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"  # see build_trainer
+__all__ = ["Prepared", "SFTResult", "build_trainer", "prepare", "put", "read_metrics", "register_result",
+           "run_dir_of", "run_sft", "tokenize"]
 
 
 @dataclass
 class Prepared:
-    data_ref: object  # ray.ObjectRef of {"train": [Row], "eval": [Row]}
+    """Tokenized rows in the object store, shared by every worker of a run (and every trial of a sweep)."""
+
+    rows_ref: object  # ray.ObjectRef of {"train": rows, "eval": rows}
+    lengths: tuple[int, ...]  # training row lengths: the batch plan needs them on the driver
     stats: dict
     n_train_rows: int
     n_eval_rows: int
+    pad_token_id: int
 
 
 @dataclass
@@ -38,52 +60,44 @@ class SFTResult:
     timings: dict = field(default_factory=dict)
 
 
-def run_dir_of(cfg: SFTConfig) -> Path:
-    return Path(cfg.run.storage_path) / cfg.run.name
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The records of a run's ``metrics.jsonl`` (one per logged step, see ``sft_worker.MetricsFile``); empty
-    when the run has logged nothing yet."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-
-
-def ensure_ray(num_cpus: int | None = None) -> float:
-    """Connect to the cluster (``ray job submit`` sets RAY_ADDRESS) or start a local one; returns seconds."""
-    import ray
-
-    t0 = time.perf_counter()
-    if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus, log_to_driver=True)
-    return time.perf_counter() - t0
+def make_plan(cfg: SFTConfig, lengths) -> tuple[Plan, int]:
+    """The batch plan and the run's length in optimizer steps; too few rows is a data error (driver-side)."""
+    t = cfg.train
+    plan = Plan(tuple(lengths), t.micro_batch_size, t.grad_accum, t.num_workers, t.seed)
+    try:
+        return plan, plan.total_steps(t.epochs, t.max_steps)
+    except ValueError as e:
+        raise DataError(f"{cfg.data.train}: {e}; lower train.micro_batch_size, grad_accum or num_workers, "
+                        "or add data") from None
 
 
 def tokenize(cfg: SFTConfig) -> tuple[dict, dict]:
-    """Read, validate and tokenize the data on the driver, once: ``({"train": rows, "eval": rows}, stats)``.
-    Runs before Ray starts, so bad data fails in seconds with ``file:row`` and no cluster cost."""
+    """Check the model, read, validate and tokenize the data on the driver, once:
+    ``({"train": rows, "eval": rows}, stats)``. Bad input fails here in seconds, before any cluster cost."""
     from rayft.data import make_rows, prepare_data
-    from rayft.modeling import load_tokenizer
+    from rayft.modeling import check_model_source, load_tokenizer
 
+    check_model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
     data = prepare_data(cfg.data, tokenizer, trust_remote_code=cfg.model.trust_remote_code)
     rows = {"train": make_rows(data.train, cfg.data.max_seq_len, cfg.data.packing),
             "eval": make_rows(data.eval, cfg.data.max_seq_len, cfg.data.packing)}
+    make_plan(cfg, [len(r.input_ids) for r in rows["train"]])
+    stats = {**data.stats, "pad_token_id": tokenizer.pad_token_id}
     tr = data.stats["train"]
     log.info("data: %d train examples -> %d rows (%s), %d eval examples; skipped %d bad rows, truncated %d, "
              "dropped %d too long and %d without labels", len(data.train), len(rows["train"]),
              "packed" if cfg.data.packing else "unpacked", len(data.eval), tr["rows_skipped"], tr["truncated"],
              tr["dropped_too_long"], tr["dropped_no_labels"])
-    return rows, data.stats
+    return rows, stats
 
 
 def put(rows: dict, stats: dict) -> Prepared:
     """Place tokenized rows in the object store once; every worker (and every sweep trial) reads them."""
     import ray
 
-    return Prepared(ray.put(rows), stats, len(rows["train"]), len(rows["eval"]))
+    return Prepared(ray.put(rows), tuple(len(r.input_ids) for r in rows["train"]), stats, len(rows["train"]),
+                    len(rows["eval"]), stats["pad_token_id"])
 
 
 def prepare(cfg: SFTConfig) -> Prepared:
@@ -91,13 +105,34 @@ def prepare(cfg: SFTConfig) -> Prepared:
     return put(*tokenize(cfg))
 
 
-def build_trainer(cfg: SFTConfig, prepared: Prepared, *, callbacks: list | None = None):
+def resolve_init_adapter(cfg: SFTConfig) -> str | None:
+    """``finetune.init_adapter`` as a directory: a registered name (its base must be this base model) or a
+    PEFT adapter directory."""
+    name = cfg.finetune.init_adapter
+    if not name:
+        return None
+    if (Path(name) / "adapter_config.json").exists():
+        return str(Path(name).resolve())
+    try:
+        path, manifest = artifacts.resolve(cfg.run.registry, name)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"finetune.init_adapter: {e}; give a registered name or a PEFT adapter directory") from None
+    if manifest.base_model != cfg.model.name_or_path:
+        raise ConfigError(f"finetune.init_adapter: {name} was trained on {manifest.base_model}, not on "
+                          f"model.name_or_path={cfg.model.name_or_path}")
+    return str(path)
+
+
+def build_trainer(cfg: SFTConfig, prepared: Prepared, *, callbacks: list | None = None, progress=None):
     """A Ray Train ``TorchTrainer`` for this config. Re-creating it with the same run name and storage path
     resumes the run from its last checkpoint (Ray Train V2 semantics)."""
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from rayft.sft_worker import train_loop_per_worker
+    from rayft.objectives import SFTData, SFTObjective
+    from rayft.shards_interim import EvalShards, PlanShards
+    from rayft.train_loop import LoopConfig, train_loop_per_worker
 
     # Ray Train V2 workers hand each report to the controller through a one-slot queue that the controller
     # drains when it polls them, every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default: 2 s). Reporting
@@ -106,10 +141,20 @@ def build_trainer(cfg: SFTConfig, prepared: Prepared, *, callbacks: list | None 
     # (Ray Train propagates it); an explicit setting in the environment wins.
     os.environ.setdefault(POLL_ENV, POLL_DEFAULT_S)
     t = cfg.train
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / DATA_STATS_FILE).write_text(json.dumps(prepared.stats, indent=2))
+    plan, total_steps = make_plan(cfg, prepared.lengths)
+    rows = ray.get(prepared.rows_ref)
+    data = SFTData(train=PlanShards.put(rows["train"], plan, total_steps),
+                   eval=EvalShards.put(rows["eval"], t.num_workers), n_eval=prepared.n_eval_rows,
+                   world=t.num_workers, micro_batch_size=t.micro_batch_size, pad_id=prepared.pad_token_id)
+    loop = LoopConfig(config=dump_config(cfg), config_cls=type(cfg), objective=SFTObjective(data),
+                      total_steps=total_steps, run_dir=str(run_dir), init_adapter=resolve_init_adapter(cfg),
+                      pad_token_id=prepared.pad_token_id, progress=progress, epoch_of=plan.epoch_of)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": dump_config(cfg), "data_ref": prepared.data_ref,
-                           "run_dir": str(run_dir_of(cfg))},
+        train_loop_config=loop,
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RunConfig(
@@ -124,15 +169,17 @@ def build_trainer(cfg: SFTConfig, prepared: Prepared, *, callbacks: list | None 
 
 def register_result(cfg: SFTConfig, result, *, name: str | None = None, source: dict | None = None,
                     extra_metrics: dict | None = None) -> tuple[Path, dict]:
-    """Copy the final adapter of a finished Ray Train result into the registry with its manifest."""
+    """Copy the final adapter of a finished Ray Train result into the registry with its manifest (which
+    carries the run's data statistics)."""
     import shutil
-
-    from rayft.sft_worker import FINAL_DIR, PROBE_FILE, STATE_FILE
 
     if result.error is not None:
         raise RuntimeError(f"training run {cfg.run.name} failed") from result.error
     if result.checkpoint is None:
         raise RuntimeError(f"training run {cfg.run.name} produced no checkpoint")
+    run_dir = run_dir_of(cfg)
+    stats_file = run_dir / DATA_STATS_FILE
+    stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
     with result.checkpoint.as_directory() as ckpt:
         state = json.loads((Path(ckpt) / STATE_FILE).read_text())
         if not state.get("final"):
@@ -148,27 +195,27 @@ def register_result(cfg: SFTConfig, result, *, name: str | None = None, source: 
             lora_rank=lora.r if is_lora else None,
             lora_alpha=lora.alpha if is_lora else None,
             target_modules=lora.target_modules if is_lora else None,
-            dataset={"train": cfg.data.train, "eval": cfg.data.eval, "format": cfg.data.format},
+            dataset={"train": cfg.data.train, "eval": cfg.data.eval, "format": cfg.data.format, "stats": stats},
             config=dump_config(cfg),
             metrics=metrics,
-            source={"job": "sft", "run_name": cfg.run.name, "run_dir": str(run_dir_of(cfg)), **(source or {})},
+            source={"job": "sft", "run_name": cfg.run.name, "run_dir": str(run_dir), **(source or {})},
         )
         path = artifacts.register(Path(ckpt) / FINAL_DIR, cfg.run.registry, manifest)
         if (Path(ckpt) / PROBE_FILE).exists():
-            shutil.copy(Path(ckpt) / PROBE_FILE, run_dir_of(cfg) / PROBE_FILE)
+            shutil.copy(Path(ckpt) / PROBE_FILE, run_dir / PROBE_FILE)
     return path, metrics
 
 
 def plot_loss_curve(run_dir: Path, out: Path) -> Path | None:
     """Train and eval loss against step, as a PNG."""
-    if not (run_dir / METRICS_FILE).exists():
+    recs = read_metrics(run_dir)
+    if not recs:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = read_metrics(run_dir)
     fig, ax = plt.subplots(figsize=(7, 4))
     tr = [r for r in recs if "loss" in r]
     ax.plot([r["step"] for r in tr], [r["loss"] for r in tr], label="train loss")
@@ -185,25 +232,36 @@ def plot_loss_curve(run_dir: Path, out: Path) -> Path | None:
     return out
 
 
-def run_sft(cfg: SFTConfig, *, num_cpus: int | None = None) -> SFTResult:
-    """The whole SFT job: resolve paths, save the resolved config, tokenize, train, register, plot."""
-    cfg = resolve_paths(cfg)
+def check_run(cfg: SFTConfig) -> Path:
+    """The run directory, after refusing a resubmission whose config differs from its checkpoints'."""
     run_dir = run_dir_of(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    check_resume(cfg, run_dir)
+    return run_dir
+
+
+def run_sft(cfg: SFTConfig, *, num_cpus: int | None = None) -> SFTResult:
+    """The whole SFT job: resolve paths, check, tokenize, train, register, plot."""
+    from rayft.cluster import init_ray
+    from rayft.progress import ProgressDisplay
+
+    cfg = resolve_paths(cfg)
+    run_dir = check_run(cfg)
     t0 = time.perf_counter()
     rows, stats = tokenize(cfg)
-    (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
-    timings = {"data_prep_s": time.perf_counter() - t0, "ray_init_s": ensure_ray(num_cpus)}
+    resolve_init_adapter(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / CONFIG_FILE)
+    timings = {"data_prep_s": time.perf_counter() - t0, "ray_init_s": init_ray(num_cpus)}
     prepared = put(rows, stats)
     t0 = time.perf_counter()
     log.info("training %s with %d workers, ZeRO-%d, %s -> %s", cfg.model.name_or_path, cfg.train.num_workers,
              cfg.deepspeed.stage, cfg.finetune.method, run_dir)
-    result = build_trainer(cfg, prepared).fit()
+    with ProgressDisplay(f"sft {cfg.run.name}", enabled=cfg.run.progress) as display:
+        result = build_trainer(cfg, prepared, progress=display.queue).fit()
     timings["fit_s"] = time.perf_counter() - t0
     adapter_dir, metrics = register_result(cfg, result)
-    plot = plot_loss_curve(run_dir, run_dir / "loss_curve.png")
-    (run_dir / "summary.json").write_text(json.dumps(
+    plot = plot_loss_curve(run_dir, run_dir / LOSS_CURVE)
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(
         {"adapter": str(adapter_dir), "metrics": metrics, "timings": timings,
          "loss_curve": str(plot) if plot else None}, indent=2))
     return SFTResult(run_dir=run_dir, adapter_dir=adapter_dir, metrics=metrics, timings=timings)

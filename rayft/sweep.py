@@ -40,8 +40,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from rayft.cluster import init_ray  # noqa: F401 - the sweep's callers import it from here
 from rayft.config import (
-    SERVABLE_LORA_RANKS,
     ConfigError,
     SFTConfig,
     Strict,
@@ -235,8 +235,7 @@ def validate_space(sweep: SweepConfig, base: SFTConfig) -> None:
             raise ConfigError(f"{where}: trial resources must be the same for every trial (concurrency is "
                               "planned from them); set it in sft.overrides")
         if p.bounds is not None and float not in _field_types(ann):
-            why = (f"only servable ranks {list(SERVABLE_LORA_RANKS)} can be trained" if path == "finetune.lora.r"
-                   else "it is not a float field")
+            why = "it is not a float field"
             raise ConfigError(f"{where}: {p.kind} draws real numbers but {why}; use choice or grid")
         for value in p.values if p.values is not None else p.bounds:
             try:
@@ -355,38 +354,6 @@ def asha_max_t(sweep: SweepConfig, base: SFTConfig, rows: dict | None) -> int:
     plan = Plan(tuple(len(r.input_ids) for r in rows["train"]), t.micro_batch_size, t.grad_accum,
                 t.num_workers, t.seed)
     return plan.total_steps(t.epochs, t.max_steps)
-
-
-def init_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = None) -> float:
-    """Connect to the cluster (``ray job submit`` sets RAY_ADDRESS) or start a local one with the dashboard;
-    returns seconds. ``env_vars`` go to every worker (the job's runtime_env).
-
-    A local start tells every worker where the dashboard's API is (RAY_API_SERVER_ADDRESS); when connecting,
-    a RAY_API_SERVER_ADDRESS in the driver's environment is passed on to the job's workers. Ray Train's
-    placement-group cleaner, the actor that frees the workers of a trial stopped early, finds the cluster
-    through that API; left to auto-detection it fails on a machine running more than one Ray instance, and a
-    stopped trial's resources then stay reserved for the rest of the sweep.
-    """
-    import socket
-
-    import ray
-
-    t0 = time.perf_counter()
-    env = dict(env_vars or {})
-    if ray.is_initialized():
-        pass
-    elif os.environ.get("RAY_ADDRESS"):
-        if os.environ.get("RAY_API_SERVER_ADDRESS"):
-            env["RAY_API_SERVER_ADDRESS"] = os.environ["RAY_API_SERVER_ADDRESS"]
-        ray.init(log_to_driver=True, runtime_env={"env_vars": env} if env else None)
-    else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_port=port, log_to_driver=True,
-                 runtime_env={"env_vars": env})
-    return time.perf_counter() - t0
 
 
 def _state_api_probe() -> str | None:

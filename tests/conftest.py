@@ -26,10 +26,10 @@ def ray_local():
     run on the machine. Shut down, with every process it started, at the end of the session."""
     import ray
 
-    from rayft.sweep import init_ray
+    from rayft.cluster import init_ray
 
     assert not os.environ.get("RAY_ADDRESS"), "the tests start their own Ray; unset RAY_ADDRESS"
-    init_ray(2, env_vars={"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})
+    init_ray(2, env_vars={"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}, log_to_driver=True)
     yield ray
     ray.shutdown()
 

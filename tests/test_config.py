@@ -41,7 +41,7 @@ def test_yaml_scientific_notation_is_a_number(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     (["train.lrr=1"], "train.lrr: unknown key"),
-    (["finetune.lora.r=12"], "finetune.lora.r: LoRA rank 12 cannot be served"),
+    (["finetune.lora.r=0"], "finetune.lora.r: Input should be greater than or equal to 1"),
     (["deepspeed.offload_param=true"], "offload_param needs ZeRO stage 3"),
     (["train.lr=-1"], "train.lr: Input should be greater than 0"),
     (["finetune.method=qlora", "deepspeed.stage=3"], "qlora cannot run under deepspeed.stage=3"),

@@ -25,8 +25,8 @@ TRACE_CASES = {
 def main() -> None:
     from conftest import tiny_sft_config
 
+    from rayft.cluster import init_ray
     from rayft.sft import read_metrics, run_sft
-    from rayft.sweep import init_ray
     from rayft.tiny import build_assets
 
     tmp = Path(tempfile.mkdtemp(prefix="trace-"))

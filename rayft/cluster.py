@@ -1,0 +1,50 @@
+"""Connecting to Ray: one place for every job (and the test session).
+
+Worker output reaches the driver's console only when asked (RAYFT_VERBOSE=1): the driver shows one progress
+display instead (:mod:`rayft.progress`), and a worker's failure still arrives as the job's exception, with
+the worker's traceback in it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+
+def verbose() -> bool:
+    return os.environ.get("RAYFT_VERBOSE") == "1"
+
+
+def init_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = None,
+             log_to_driver: bool | None = None) -> float:
+    """Connect to the cluster (``ray job submit`` sets RAY_ADDRESS) or start a local one with the dashboard;
+    returns seconds. ``env_vars`` go to every worker (the job's runtime_env).
+
+    A local start tells every worker where the dashboard's API is (RAY_API_SERVER_ADDRESS); when connecting,
+    a RAY_API_SERVER_ADDRESS in the driver's environment is passed on to the job's workers. Ray Train's
+    placement-group cleaner, the actor that frees the workers of a trial stopped early, finds the cluster
+    through that API; left to auto-detection it fails on a machine running more than one Ray instance, and a
+    stopped trial's resources then stay reserved for the rest of the sweep.
+    """
+    import ray
+
+    t0 = time.perf_counter()
+    env = dict(env_vars or {})
+    if verbose():
+        env["RAYFT_VERBOSE"] = "1"
+    to_driver = verbose() if log_to_driver is None else log_to_driver
+    if ray.is_initialized():
+        pass
+    elif os.environ.get("RAY_ADDRESS"):
+        if os.environ.get("RAY_API_SERVER_ADDRESS"):
+            env["RAY_API_SERVER_ADDRESS"] = os.environ["RAY_API_SERVER_ADDRESS"]
+        ray.init(log_to_driver=to_driver, runtime_env={"env_vars": env} if env else None)
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_port=port, log_to_driver=to_driver,
+                 runtime_env={"env_vars": env})
+    return time.perf_counter() - t0

@@ -1,0 +1,86 @@
+"""A run directory, ``<run.storage_path>/<run.name>/``, and everything named inside it, in one place.
+
+Every training job (SFT, DPO, reward model, the RL learner) writes the same layout::
+
+    config.yaml          the resolved config (a resubmission is compared with it: see check_resume)
+    data_stats.json      rows read / skipped / truncated / dropped, per split
+    metrics.jsonl        one record per logged step (rank 0), each step exactly once across resumes
+    attempts.jsonl       one record per (re)start of the workers: the step it started from
+    checkpoint_*/        Ray Train checkpoints (DeepSpeed state + trainer_state.json)
+    loss_curve.png, summary.json, export_probe.safetensors
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from rayft.config import RESUME_MAY_CHANGE, ConfigError, TrainingJobConfig, changed_fields, dump_config
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+ATTEMPTS_FILE = "attempts.jsonl"
+DATA_STATS_FILE = "data_stats.json"
+SUMMARY_FILE = "summary.json"
+PROBE_FILE = "export_probe.safetensors"
+LOSS_CURVE = "loss_curve.png"
+STATE_FILE = "trainer_state.json"  # inside a checkpoint
+FINAL_DIR = "final"  # inside the last checkpoint: the artifact
+
+
+def run_dir_of(cfg: TrainingJobConfig) -> Path:
+    return Path(cfg.run.storage_path) / cfg.run.name
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return any(p.is_dir() for p in Path(run_dir).glob("checkpoint_*"))
+
+
+def check_resume(cfg: TrainingJobConfig, run_dir: Path) -> None:
+    """Refuse to resume a run whose checkpoints were made with another config.
+
+    Ray Train resumes any run of the same name from its last checkpoint; with a changed learning rate (say)
+    that run would silently continue under the new value, and its manifest would then describe training that
+    never happened. Only fields in ``RESUME_MAY_CHANGE`` may differ.
+    """
+    saved = Path(run_dir) / CONFIG_FILE
+    if not (saved.exists() and has_checkpoint(run_dir)):
+        return
+    changes = changed_fields(yaml.safe_load(saved.read_text()), dump_config(cfg))
+    if changes:
+        raise ConfigError(
+            f"run {cfg.run.name!r} already has checkpoints in {run_dir}, made with another config; resuming would "
+            f"train on under the new values. Changed: {'; '.join(changes)}. To start a new run, set run.name to a "
+            f"new name (or delete {run_dir}); a resume may change only {', '.join(RESUME_MAY_CHANGE)}"
+        )
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of a run's ``metrics.jsonl``; empty when the run has logged nothing yet."""
+    return read_jsonl(Path(run_dir) / METRICS_FILE)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+class MetricsFile:
+    """``metrics.jsonl``, written by rank 0. On resume from step ``k`` the records after ``k`` (work about to
+    be redone) are dropped, so the file holds each step exactly once; a start from 0 begins a new file."""
+
+    def __init__(self, run_dir: Path, resume_step: int):
+        self.path = Path(run_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [r for r in read_jsonl(self.path) if r["step"] <= resume_step] if resume_step else []
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        with (Path(run_dir) / ATTEMPTS_FILE).open("a") as f:
+            f.write(json.dumps({"start_step": resume_step, "time": time.time()}) + "\n")
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
