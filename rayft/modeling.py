@@ -102,6 +102,9 @@ def load_model(model_cfg: ModelConfig, ft_cfg: FinetuneConfig, *, use_gpu: bool,
         use_cache=False,  # the engine also passes use_cache=False on every forward: packing needs it
     )
     if head != "causal_lm":
+        # score heads read the last non-padding token: the model must know the padding id
+        if pad_token_id is None:
+            pad_token_id = load_tokenizer(model_cfg).pad_token_id
         kwargs.update(num_labels=1, pad_token_id=pad_token_id)
     if ft_cfg.method == "qlora":
         from transformers import BitsAndBytesConfig
@@ -145,9 +148,10 @@ def load_model(model_cfg: ModelConfig, ft_cfg: FinetuneConfig, *, use_gpu: bool,
             model.set_adapter("default")  # trainable again; the reference stays frozen
     else:
         lora = ft_cfg.lora
+        # the score head is trained in full (modules_to_save), so it must not also get a LoRA
         model = get_peft_model(model, LoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-            task_type=task_type))
+            task_type=task_type, exclude_modules=["score"] if head != "causal_lm" else None))
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA (%s) on %s: %d trainable of %d parameters (%.2f%%)", init_adapter or f"new, r={ft_cfg.lora.r}",
              head, trainable, total, 100 * trainable / max(total, 1))

@@ -1,0 +1,196 @@
+"""The training engine in one process (a gloo group of size 1, no Ray): packed-row isolation whatever the model
+config says, global-token normalisation, the reference policy in its three forms, and the score heads."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+from conftest import tiny_sft_config
+
+from rayft.engine import Engine, MicroBatch
+from rayft.objectives import SFTObjective, rows_batch
+
+
+@pytest.fixture(scope="module")
+def dist_group():
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    yield
+
+
+@pytest.fixture(scope="module")
+def examples(assets):
+    """Tokenized tiny examples (unpacked rows) and the tokenizer."""
+    from rayft.config import DataConfig, ModelConfig
+    from rayft.data import prepare_data
+    from rayft.modeling import load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(name_or_path=str(assets["model"])))
+    data = prepare_data(DataConfig(train=str(assets["train"]), eval=str(assets["eval"]), max_examples=40), tok)
+    return data.train, tok
+
+
+def engine_for(assets, tmp_path, overrides=(), **kw) -> Engine:
+    cfg = tiny_sft_config(assets, tmp_path, "engine", ["train.num_workers=1", "deepspeed.stage=2",
+                                                       "train.warmup_ratio=0", *overrides])
+    return Engine(cfg, head=kw.pop("head", "causal_lm"), total_steps=10, rank=0, world=1,
+                  device=torch.device("cpu"), **kw)
+
+
+def test_packed_rows_stay_isolated_when_the_model_config_says_use_cache(dist_group, assets, tmp_path, examples):
+    """A model whose config says ``use_cache: true`` (Qwen2.5's does): with a KV cache transformers builds no
+    block-diagonal mask, and attention would cross example boundaries. The engine's forward must not care."""
+    from rayft.data import make_rows
+
+    train, _ = examples
+    engine = engine_for(assets, tmp_path)
+    engine.module.config.use_cache = True
+    objective = SFTObjective()
+    packed = make_rows(train[:6], 4096, packing=True)
+    assert len(packed) == 1  # all six examples in one row
+    alone = make_rows(train[:6], 4096, packing=False)
+    s_packed = objective.eval_sums(engine, rows_batch(packed, 0))
+    s_alone = [objective.eval_sums(engine, rows_batch([r], 0)) for r in alone]
+    # every example starts with a user turn, so packing masks no label: the same tokens are scored
+    assert s_packed["label_tokens"] == sum(s["label_tokens"] for s in s_alone)
+    assert s_packed["loss_sum"] == pytest.approx(sum(s["loss_sum"] for s in s_alone), rel=1e-5)
+
+
+class PerMicroBatchMean(SFTObjective):
+    """The formula the engine must NOT compute: each micro-batch's own mean, averaged over micro-batches."""
+
+    def loss(self, engine, mb, normaliser):
+        n = self.normaliser(mb)
+        out = engine.forward(**mb.to(engine.device), num_items_in_batch=n)
+        return out.loss / engine.cfg.train.grad_accum, {"loss": out.loss.item() / engine.cfg.train.grad_accum}
+
+
+def test_global_token_normalisation_does_not_depend_on_the_micro_batch_split(dist_group, assets, tmp_path, examples):
+    """Two micro-batches with very different label counts (accumulated) and one micro-batch holding both give
+    the same loss and gradient; a per-micro-batch mean would give another gradient (checked, so the test
+    tells the formulas apart)."""
+    from rayft.data import make_rows
+
+    train, _ = examples
+    (short,) = make_rows(train[:1], 4096, packing=False)
+    (long,) = make_rows(train[1:5], 4096, packing=True)  # four examples in one row
+    n_short, n_long = int((short.labels[1:] != -100).sum()), int((long.labels[1:] != -100).sum())
+    assert n_long >= 1.5 * n_short, (n_short, n_long)
+
+    split = engine_for(assets, tmp_path / "a", ["train.micro_batch_size=1", "train.grad_accum=2"])
+    m_split = split.step(SFTObjective(), [rows_batch([short], 0), rows_batch([long], 0)])
+    whole = engine_for(assets, tmp_path / "b", ["train.micro_batch_size=2", "train.grad_accum=1"])
+    m_whole = whole.step(SFTObjective(), [rows_batch([short, long], 0)])
+    assert m_split["loss"] == pytest.approx(m_whole["loss"], rel=1e-6)
+    assert split.grad_norm() == pytest.approx(whole.grad_norm(), rel=1e-5)
+
+    wrong = engine_for(assets, tmp_path / "c", ["train.micro_batch_size=1", "train.grad_accum=2"])
+    wrong.step(PerMicroBatchMean(), [rows_batch([short], 0), rows_batch([long], 0)])
+    assert abs(wrong.grad_norm() - whole.grad_norm()) > 0.02 * whole.grad_norm()
+
+
+def _logits(fwd, ids):
+    with torch.no_grad():
+        return fwd(input_ids=ids).logits
+
+
+def _train_a_step(engine, examples):
+    from rayft.data import make_rows
+
+    rows = make_rows(examples[0][:4], 4096, packing=True)
+    engine.step(SFTObjective(), [rows_batch(rows, 0)])
+
+
+def test_reference_of_a_fresh_lora_is_the_base(dist_group, assets, tmp_path, examples):
+    from transformers import AutoModelForCausalLM
+
+    engine = engine_for(assets, tmp_path, ["train.lr=0.05", "finetune.lora.dropout=0.0"], reference=True)
+    _train_a_step(engine, examples)
+    ids = torch.tensor([examples[0][0].input_ids[:24]])
+    base = AutoModelForCausalLM.from_pretrained(str(assets["model"]), dtype=torch.float32).eval()
+    engine.ds.eval()
+    with engine.reference() as ref:
+        torch.testing.assert_close(_logits(ref, ids), _logits(base, ids), atol=1e-5, rtol=1e-5)
+    assert (_logits(engine.forward, ids) - _logits(base, ids)).abs().max() > 1e-2  # the policy moved
+
+
+def test_reference_of_a_continued_adapter_is_that_adapter_frozen(dist_group, assets, tmp_path, examples):
+    """Continuing an adapter: the reference is the starting adapter, loaded a second time on the same base
+    (no second base model), frozen; the artifact holds only the trained adapter."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    start_dir = tmp_path / "start"
+    start = get_peft_model(AutoModelForCausalLM.from_pretrained(str(assets["model"])),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    start.save_pretrained(start_dir)
+
+    engine = engine_for(assets, tmp_path, ["train.lr=0.05"], reference=True, init_adapter=str(start_dir))
+    bases = {id(m) for m in engine.module.modules() if type(m).__name__ == "Qwen2Model"}
+    assert len(bases) == 1
+    assert not any(p.requires_grad for n, p in engine.module.named_parameters() if ".reference." in n)
+    _train_a_step(engine, examples)
+    ids = torch.tensor([examples[0][0].input_ids[:24]])
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(assets["model"])), start_dir).eval()
+    engine.ds.eval()
+    with engine.reference() as ref:
+        torch.testing.assert_close(_logits(ref, ids), _logits(plain, ids), atol=1e-5, rtol=1e-5)
+    assert (_logits(engine.forward, ids) - _logits(plain, ids)).abs().max() > 1e-2
+    assert all(p.requires_grad for n, p in engine.module.named_parameters() if ".default." in n)
+
+    engine.save_pretrained(tmp_path / "out")
+    saved = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert saved and not any("reference" in k for k in saved) and not (tmp_path / "out" / "reference").exists()
+
+
+def test_reference_of_full_finetuning_is_a_frozen_copy(dist_group, assets, tmp_path, examples):
+    from transformers import AutoModelForCausalLM
+
+    engine = engine_for(assets, tmp_path, ["finetune.method=full", "train.lr=0.01"], reference=True)
+    _train_a_step(engine, examples)
+    ids = torch.tensor([examples[0][0].input_ids[:24]])
+    base = AutoModelForCausalLM.from_pretrained(str(assets["model"]), dtype=torch.float32).eval()
+    engine.ds.eval()
+    with engine.reference() as ref:
+        torch.testing.assert_close(_logits(ref, ids), _logits(base, ids), atol=1e-5, rtol=1e-5)
+    assert (_logits(engine.forward, ids) - _logits(base, ids)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("head,auto", [("seq_cls", "AutoModelForSequenceClassification"),
+                                       ("value", "AutoModelForTokenClassification")])
+def test_score_heads_train_and_reload_with_plain_peft(head, auto, dist_group, assets, tmp_path, examples):
+    """The reward-model head (one score per sequence) and the PPO critic's value head (one per token): the
+    score layer trains with the LoRA and the saved adapter reloads with plain transformers + PEFT."""
+    import transformers
+    from peft import PeftModel
+
+    from rayft.objectives import PairwiseRewardObjective
+
+    _, tok = examples
+    engine = engine_for(assets, tmp_path, ["train.lr=0.05"], head=head, pad_token_id=tok.pad_token_id)
+    ids = torch.tensor([examples[0][0].input_ids[:20], examples[0][1].input_ids[:20]])
+    mb = MicroBatch({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    if head == "seq_cls":
+        before = engine.forward(**mb.tensors).logits.detach().clone()
+        engine.step(PairwiseRewardObjective(), [mb])
+    engine.ds.eval()
+    out = _logits(engine.forward, ids)
+    assert out.shape == ((2, 1) if head == "seq_cls" else (2, 20, 1))
+    if head == "seq_cls":  # chosen (row 0) pushed above rejected (row 1)
+        assert (out[0] - out[1]).item() > (before[0] - before[1]).item() + 0.05
+    engine.save_pretrained(tmp_path / "out")
+    base = getattr(transformers, auto).from_pretrained(str(assets["model"]), num_labels=1,
+                                                       pad_token_id=tok.pad_token_id)
+    plain = PeftModel.from_pretrained(base, tmp_path / "out").eval()
+    torch.testing.assert_close(_logits(plain, ids), out, atol=1e-5, rtol=1e-5)
