@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -34,12 +35,12 @@ def ray_local():
     ray.shutdown()
 
 
-def tiny_sft_config(assets: dict, tmp: Path, name: str, overrides: list[str] | None = None):
-    """The shipped tiny config, pointed at the session's assets and a per-test run/registry directory."""
-    from rayft.config import SFTConfig, load_config
+ROOT = Path(__file__).resolve().parents[1]
 
-    root = Path(__file__).resolve().parents[1]
-    base = [
+
+def tiny_overrides(assets: dict, tmp: Path, name: str) -> list[str]:
+    """The shipped tiny config pointed at the session's assets and a per-test run/registry directory."""
+    return [
         f"model.name_or_path={assets['model']}",
         f"data.train={assets['train']}",
         f"data.eval={assets['eval']}",
@@ -48,4 +49,40 @@ def tiny_sft_config(assets: dict, tmp: Path, name: str, overrides: list[str] | N
         f"run.registry={tmp / 'adapters'}",
         "run.progress=false",
     ]
-    return load_config(SFTConfig, root / "configs" / "sft_tiny.yaml", base + (overrides or []))
+
+
+def tiny_sft_config(assets: dict, tmp: Path, name: str, overrides: list[str] | None = None):
+    from rayft.config import SFTConfig, load_config
+
+    return load_config(SFTConfig, ROOT / "configs" / "sft_tiny.yaml",
+                       tiny_overrides(assets, tmp, name) + (overrides or []))
+
+
+@dataclass
+class SFTJob:
+    cfg: object
+    run_dir: Path
+    adapter_dir: Path
+    metrics: dict
+    output: str  # the job's console (stdout + stderr)
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(assets, ray_local, tmp_path_factory) -> SFTJob:
+    """The session's one trained tiny SFT adapter (60 steps, ZeRO-2, 2 workers, checkpoints every 20 steps),
+    trained as a user trains it: ``python jobs/sft.py`` (connected to the session's Ray), progress on."""
+    import json
+    import subprocess
+    import sys
+
+    tmp = tmp_path_factory.mktemp("tiny_sft")
+    overrides = [*tiny_overrides(assets, tmp, "tiny-sft")[:-1], "train.save_steps=20", "train.max_steps=60"]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
+    p = subprocess.run([sys.executable, str(ROOT / "jobs" / "sft.py"), "--config", "configs/sft_tiny.yaml",
+                        *[a for o in overrides for a in ("--set", o)]], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    cfg = tiny_sft_config(assets, tmp, "tiny-sft", ["train.save_steps=20", "train.max_steps=60", "run.progress=true"])
+    run_dir = tmp / "runs" / "tiny-sft"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return SFTJob(cfg, run_dir, Path(summary["adapter"]), summary["metrics"], p.stdout + p.stderr)

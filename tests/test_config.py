@@ -149,3 +149,29 @@ def test_registry_names_are_never_paths(tmp_path, name):
 def test_registry_unknown_name(tmp_path):
     with pytest.raises(KeyError, match="no adapter named 'nope'"):
         artifacts.resolve(tmp_path, "nope")
+
+
+@pytest.mark.parametrize("rank", [4, 12, 24, 1, 300])
+def test_any_positive_lora_rank_is_accepted(rank):
+    """vLLM's list is the choices of its server's max_lora_rank; every adapter rank up to it serves."""
+    cfg = load_config(SFTConfig, data=MINIMAL, overrides=[f"finetune.lora.r={rank}"])
+    assert cfg.finetune.lora.r == rank
+
+
+def test_fp16_is_refused_on_cpu_and_configured_as_mixed_precision_on_gpu():
+    with pytest.raises(ConfigError, match=r"model.dtype=fp16 needs train.use_gpu=true"):
+        load_config(SFTConfig, data=MINIMAL, overrides=["model.dtype=fp16"])
+    cfg = load_config(SFTConfig, data=MINIMAL, overrides=["model.dtype=fp16", "train.use_gpu=true"])
+    ds = build_ds_config(cfg, 2, bf16=False, fp16=True)
+    assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0  # 0 = dynamic loss scaling
+    assert not ds["bf16"]["enabled"]
+
+
+def test_changed_fields_lists_what_a_resume_may_not_change():
+    from rayft.config import changed_fields, dump_config
+
+    a = load_config(SFTConfig, data=MINIMAL)
+    b = load_config(SFTConfig, data=MINIMAL, overrides=["train.lr=1e-3", "train.max_steps=500",
+                                                        "train.logging_steps=3", "data.max_seq_len=128"])
+    assert changed_fields(dump_config(a), dump_config(b)) == [
+        "data.max_seq_len: 512 -> 128", f"train.lr: {a.train.lr!r} -> 0.001"]
