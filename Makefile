@@ -34,7 +34,7 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not ray and not gpu" tests
+	$(BIN)/python -m pytest -q -m "not ray and not gpu and not slow" tests
 
 lint: install
 	$(BIN)/ruff check .

@@ -67,8 +67,9 @@ def test_qlora_quantizes_the_base_to_nf4(model_dir):
     with torch.no_grad():
         model(input_ids=torch.randint(5, 90, (1, 8)))
     model.train()
-    before = _train_step(model)  # training after an eval forward (bitsandbytes CPU repacking is off)
-    assert before > 0
+    _train_step(model)  # training after an eval forward (bitsandbytes CPU repacking is off) ...
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)  # ... reaches every adapter
 
 
 def test_dtype_defaults():
