@@ -106,9 +106,11 @@ def test_zero2_manifest(zero2):
     cfg, result = zero2
     path, m = artifacts.resolve(cfg.run.registry, "zero2")
     assert path == result.adapter_dir
-    assert m.kind == "lora" and m.lora_rank == 16 and m.base_model == cfg.model.name_or_path
+    assert m.kind == "adapter" and m.lora_rank == 16 and m.base_model == cfg.model.name_or_path
+    assert m.base_model_source == "local"
     assert m.metrics["step"] == 60 and m.metrics["eval_loss"] == pytest.approx(eval_losses(result.run_dir)[60])
-    assert m.config["deepspeed"]["stage"] == 2 and len(m.version) == 12 and m.config_hash
+    assert m.config["deepspeed"]["stage"] == 2 and m.version == path.name
+    assert m.training_hash == artifacts.training_hash(m.config)
 
 
 def test_zero3_learns_and_saves_full_adapter(zero3):
