@@ -168,6 +168,16 @@ def test_training_hash_ignores_run_paths_and_intervals_but_not_lr(tmp_path):
     assert artifacts.training_hash(hub_a) != artifacts.training_hash(hub_b)  # a Hub id is hashed whole
 
 
+def test_training_hash_path_fields_take_wildcards(monkeypatch):
+    """``*`` in PATH_FIELDS reaches every item (for configs that list several datasets)."""
+    monkeypatch.setattr(artifacts, "PATH_FIELDS", ("data.mix.*.path",))
+
+    def mix(*paths):
+        return artifacts.training_hash({"data": {"mix": [{"path": p, "weight": 1} for p in paths]}})
+
+    assert mix("/a/x.jsonl", "/a/y.jsonl") == mix("/b/x.jsonl", "./y.jsonl") != mix("/a/x.jsonl", "/a/z.jsonl")
+
+
 def _same(dump: dict) -> list[str]:
     return [f"model.name_or_path={dump['model']['name_or_path']}", f"data.train={dump['data']['train']}",
             f"data.eval={dump['data']['eval']}"]
