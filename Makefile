@@ -1,7 +1,10 @@
 # `make demo` and `make test` do all set-up themselves on a machine that has only Python (>= 3.11).
-# The CPU install takes the staged torch 2.13.0 CPU wheel (pip finds it through its find-links) and the
-# constraints file stops any dependency from pulling a CUDA torch. GPU clusters: `make install-gpu`.
+# The CPU install takes torch's CPU build: a staged local wheel when pip's find-links has one (offline, seconds),
+# else PyTorch's CPU wheel index TORCH_INDEX (PyPI's torch for Linux is the CUDA build). Then the constraints
+# file stops any dependency from pulling a CUDA torch. GPU clusters: `make install-gpu`.
 PYTHON ?= python3
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_VERSION := $(shell sed -n 's/^torch==//p' constraints/cpu.txt)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.rayft-installed
@@ -15,7 +18,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q --no-index --no-deps torch==$(TORCH_VERSION) 2>/dev/null || { \
+	  echo "no local torch $(TORCH_VERSION) wheel: taking the CPU build from $(TORCH_INDEX)"; \
+	  $(PIP) install -q --no-deps --index-url $(TORCH_INDEX) torch==$(TORCH_VERSION); }
 	$(PIP) install -q -c constraints/cpu.txt -e '.[dev]'
 	$(BIN)/python -c "import torch; assert not torch.version.cuda, 'CUDA torch installed on the CPU path'"
 	touch $@

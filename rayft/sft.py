@@ -189,7 +189,7 @@ def register_result(cfg: SFTConfig, result, *, name: str | None = None, source: 
         is_lora = cfg.finetune.method != "full"
         manifest = artifacts.Manifest(
             name=name or cfg.run.adapter_name or cfg.run.name,
-            kind="lora" if is_lora else "full",
+            kind="adapter" if is_lora else "full_model",
             base_model=cfg.model.name_or_path,
             base_revision=cfg.model.revision,
             lora_rank=lora.r if is_lora else None,

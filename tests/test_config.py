@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rayft import artifacts
 from rayft.config import ConfigError, SFTConfig, load_config, save_config
 from rayft.ds_config import build_ds_config
 from rayft.schedule import Plan, epoch_micro_batches
@@ -123,37 +122,6 @@ def test_micro_batches_group_similar_lengths():
 def test_plan_too_small_is_a_clear_error():
     with pytest.raises(ValueError, match="not enough training rows"):
         Plan((8,) * 3, 4, 1, 2, 0).total_steps(1, None)
-
-
-def _fake_adapter(d: Path) -> Path:
-    d.mkdir(parents=True)
-    (d / "adapter_config.json").write_text("{}")
-    (d / "adapter_model.safetensors").write_bytes(b"x")
-    return d
-
-
-def test_registry_register_resolve_and_replace(tmp_path):
-    src = _fake_adapter(tmp_path / "src")
-    m = artifacts.Manifest(name="math-r16", kind="lora", base_model="b", lora_rank=16, config={"a": 1})
-    path = artifacts.register(src, tmp_path / "reg", m)
-    got_path, got = artifacts.resolve(tmp_path / "reg", "math-r16")
-    assert got_path == path and got.lora_rank == 16 and len(got.version) == 12
-    assert got.config_hash == artifacts.config_hash({"a": 1}) and got.created_at
-    again = artifacts.register(src, tmp_path / "reg", m)
-    assert again == path and artifacts.read_manifest(path).version != got.version
-    assert [e.name for e in artifacts.list_entries(tmp_path / "reg")] == ["math-r16"]
-    assert not [p for p in (tmp_path / "reg").iterdir() if p.name.startswith(".")]
-
-
-@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/b", "", ".hidden", "x..y"])
-def test_registry_names_are_never_paths(tmp_path, name):
-    with pytest.raises(ValueError, match="invalid adapter name"):
-        artifacts.resolve(tmp_path, name)
-
-
-def test_registry_unknown_name(tmp_path):
-    with pytest.raises(KeyError, match="no adapter named 'nope'"):
-        artifacts.resolve(tmp_path, "nope")
 
 
 @pytest.mark.parametrize("rank", [4, 12, 24, 1, 300])

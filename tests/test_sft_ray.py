@@ -107,10 +107,12 @@ def test_tiny_sft_manifest(tiny_sft):
     cfg = tiny_sft.cfg
     path, m = artifacts.resolve(cfg.run.registry, "tiny-sft")
     assert path == tiny_sft.adapter_dir
-    assert m.kind == "lora" and m.lora_rank == 16 and m.base_model == cfg.model.name_or_path
+    assert m.kind == "adapter" and m.lora_rank == 16 and m.base_model == cfg.model.name_or_path
+    assert m.base_model_source == "local"
     assert m.metrics["step"] == 60 and m.metrics["eval_loss"] == pytest.approx(eval_losses(tiny_sft.run_dir)[60])
     assert m.metrics["loss"] == pytest.approx(train_losses(tiny_sft.run_dir)[60])
-    assert m.config["deepspeed"]["stage"] == 2 and len(m.version) == 12 and m.config_hash
+    assert m.config["deepspeed"]["stage"] == 2 and m.version == path.name
+    assert m.training_hash == artifacts.training_hash(m.config)
     stats = m.dataset["stats"]  # the data statistics reach the manifest
     assert stats["train"]["rows_read"] == 1200 and stats["eval"]["rows_read"] == 96
     assert stats == json.loads((tiny_sft.run_dir / "data_stats.json").read_text())
