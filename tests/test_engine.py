@@ -104,24 +104,27 @@ def _logits(fwd, ids):
         return fwd(input_ids=ids).logits
 
 
-def _train_a_step(engine, examples):
+def _assert_reference_is(start, engine, examples) -> None:
+    """After a training step the engine's reference still gives ``start``'s logits, and the policy does not."""
     from rayft.data import make_rows
 
-    rows = make_rows(examples[0][:4], 4096, packing=True)
-    engine.step(SFTObjective(), [rows_batch(rows, 0)])
+    engine.step(SFTObjective(), [rows_batch(make_rows(examples[0][:4], 4096, packing=True), 0)])
+    ids = torch.tensor([examples[0][0].input_ids[:24]])
+    engine.ds.eval()
+    with engine.reference() as ref:
+        torch.testing.assert_close(_logits(ref, ids), _logits(start, ids), atol=1e-5, rtol=1e-5)
+    assert (_logits(engine.forward, ids) - _logits(start, ids)).abs().max() > 1e-2  # the policy moved
+
+
+def _base(assets):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(assets["model"]), dtype=torch.float32).eval()
 
 
 def test_reference_of_a_fresh_lora_is_the_base(dist_group, assets, tmp_path, examples):
-    from transformers import AutoModelForCausalLM
-
     engine = engine_for(assets, tmp_path, ["train.lr=0.05", "finetune.lora.dropout=0.0"], reference=True)
-    _train_a_step(engine, examples)
-    ids = torch.tensor([examples[0][0].input_ids[:24]])
-    base = AutoModelForCausalLM.from_pretrained(str(assets["model"]), dtype=torch.float32).eval()
-    engine.ds.eval()
-    with engine.reference() as ref:
-        torch.testing.assert_close(_logits(ref, ids), _logits(base, ids), atol=1e-5, rtol=1e-5)
-    assert (_logits(engine.forward, ids) - _logits(base, ids)).abs().max() > 1e-2  # the policy moved
+    _assert_reference_is(_base(assets), engine, examples)
 
 
 def test_reference_of_a_continued_adapter_is_that_adapter_frozen(dist_group, assets, tmp_path, examples):
@@ -140,13 +143,8 @@ def test_reference_of_a_continued_adapter_is_that_adapter_frozen(dist_group, ass
     bases = {id(m) for m in engine.module.modules() if type(m).__name__ == "Qwen2Model"}
     assert len(bases) == 1
     assert not any(p.requires_grad for n, p in engine.module.named_parameters() if ".reference." in n)
-    _train_a_step(engine, examples)
-    ids = torch.tensor([examples[0][0].input_ids[:24]])
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(assets["model"])), start_dir).eval()
-    engine.ds.eval()
-    with engine.reference() as ref:
-        torch.testing.assert_close(_logits(ref, ids), _logits(plain, ids), atol=1e-5, rtol=1e-5)
-    assert (_logits(engine.forward, ids) - _logits(plain, ids)).abs().max() > 1e-2
+    _assert_reference_is(plain, engine, examples)
     assert all(p.requires_grad for n, p in engine.module.named_parameters() if ".default." in n)
 
     engine.save_pretrained(tmp_path / "out")
@@ -155,16 +153,8 @@ def test_reference_of_a_continued_adapter_is_that_adapter_frozen(dist_group, ass
 
 
 def test_reference_of_full_finetuning_is_a_frozen_copy(dist_group, assets, tmp_path, examples):
-    from transformers import AutoModelForCausalLM
-
     engine = engine_for(assets, tmp_path, ["finetune.method=full", "train.lr=0.01"], reference=True)
-    _train_a_step(engine, examples)
-    ids = torch.tensor([examples[0][0].input_ids[:24]])
-    base = AutoModelForCausalLM.from_pretrained(str(assets["model"]), dtype=torch.float32).eval()
-    engine.ds.eval()
-    with engine.reference() as ref:
-        torch.testing.assert_close(_logits(ref, ids), _logits(base, ids), atol=1e-5, rtol=1e-5)
-    assert (_logits(engine.forward, ids) - _logits(base, ids)).abs().max() > 1e-2
+    _assert_reference_is(_base(assets), engine, examples)
 
 
 @pytest.mark.parametrize("head,auto", [("seq_cls", "AutoModelForSequenceClassification"),
