@@ -34,12 +34,15 @@ import functools
 import inspect
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from rayft.rowset import TOKEN_DTYPE, Row, RowSet  # Row: re-exported, the record a RowSet hands out
 
 IGNORE_INDEX = -100  # label value that the cross-entropy ignores (torch's default ignore_index)
 FORMATS = ("messages", "prompt_completion", "alpaca", "sharegpt")
@@ -614,43 +617,39 @@ def pack_examples(lengths: list[int], max_seq_len: int) -> list[list[int]]:
     return bins
 
 
-@dataclass
-class Row:
-    """One training sequence: a packed bin, or a single example when not packing. All int64 ``[T]``."""
+def make_rows(examples: list[Example], max_seq_len: int, packing: bool) -> RowSet:
+    """Examples to training rows of at most ``max_seq_len`` tokens (packed rows come longest-first).
 
-    input_ids: np.ndarray
-    labels: np.ndarray
-    position_ids: np.ndarray  # restarts at 0 at every example boundary
-
-
-def make_rows(examples: list[Example], max_seq_len: int, packing: bool) -> list[Row]:
-    """Examples to training rows of at most ``max_seq_len`` tokens (packed rows come longest-first)."""
-    if not packing:
-        return [_concat([e]) for e in examples]
-    bins = pack_examples([len(e.input_ids) for e in examples], max_seq_len)
-    return [_concat([examples[i] for i in b]) for b in bins]
-
-
-def _concat(examples: list[Example]) -> Row:
-    ids, labels, pos = [], [], []
-    for k, e in enumerate(examples):
-        lab = list(e.labels)
-        if k > 0 and lab:
-            # The shifted loss predicts labels[t+1] from position t: the first token of this example would be
-            # predicted from the last token of the previous one, which it cannot see.
-            lab[0] = IGNORE_INDEX
-        ids.extend(e.input_ids)
-        labels.extend(lab)
-        pos.extend(range(len(e.input_ids)))
-    return Row(np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64), np.asarray(pos, dtype=np.int64))
+    Built straight into flat arrays (no per-row objects): the driver holds one :class:`RowSet`.
+    """
+    lengths = [len(e.input_ids) for e in examples]
+    bins = pack_examples(lengths, max_seq_len) if packing else [[i] for i in range(len(examples))]
+    order = [i for b in bins for i in b]
+    ex_len = np.array([lengths[i] for i in order], dtype=np.int64)
+    total = int(ex_len.sum())
+    input_ids = np.fromiter(chain.from_iterable(examples[i].input_ids for i in order), TOKEN_DTYPE, count=total)
+    labels = np.fromiter(chain.from_iterable(examples[i].labels for i in order), TOKEN_DTYPE, count=total)
+    ex_start = np.cumsum(ex_len) - ex_len
+    position_ids = (np.arange(total) - np.repeat(ex_start, ex_len)).astype(TOKEN_DTYPE)
+    # The shifted loss predicts labels[t+1] from position t: the first token of every example after the first
+    # in a row would be predicted from the last token of the previous one, which it cannot see.
+    later = np.ones(len(order), dtype=bool)
+    bin_sizes = np.array([len(b) for b in bins], dtype=np.int64)
+    later[np.cumsum(bin_sizes) - bin_sizes] = False
+    labels[ex_start[later & (ex_len > 0)]] = IGNORE_INDEX
+    row_len = np.array([sum(lengths[i] for i in b) for b in bins], dtype=np.int64)
+    return RowSet(input_ids, labels, position_ids, np.concatenate([[0], np.cumsum(row_len)]).astype(np.int64))
 
 
-def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(rows: RowSet | Sequence[Row], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad rows to the longest: ``{"input_ids", "labels", "position_ids"}`` LongTensors ``[B, T]``.
 
     Padding gets labels -100 and position ids 0..k-1, which makes it a segment of its own: no real token
     attends to it. No ``attention_mask`` is returned on purpose (it would disable the packed-sequence mask).
+    A :class:`RowSet` and the list of its rows give the same tensors.
     """
+    if isinstance(rows, RowSet):
+        return _collate_rowset(rows, pad_id)
     width = max(len(r.input_ids) for r in rows)
     input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
@@ -661,5 +660,20 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
         labels[b, :n] = r.labels
         position_ids[b, :n] = r.position_ids
         position_ids[b, n:] = np.arange(width - n)
+    return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+            "position_ids": torch.from_numpy(position_ids)}
+
+
+def _collate_rowset(rows: RowSet, pad_id: int) -> dict[str, torch.Tensor]:
+    lengths = rows.lengths()
+    width = int(lengths.max())
+    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+    position_ids = np.arange(width)[None, :] - lengths[:, None]  # padding: 0..k-1 after each row's end
+    at_row = np.repeat(np.arange(len(rows)), lengths)
+    at_col = np.arange(rows.num_tokens()) - np.repeat(rows.offsets[:-1], lengths)
+    input_ids[at_row, at_col] = rows.input_ids
+    labels[at_row, at_col] = rows.labels
+    position_ids[at_row, at_col] = rows.position_ids
     return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
             "position_ids": torch.from_numpy(position_ids)}
