@@ -385,7 +385,8 @@ def assistant_spans(tokenizer, messages: list[dict], chat_template: str | None =
         if m["role"] == "assistant":
             head = render(tokenizer, messages[:i], chat_template, add_generation_prompt=True,
                           template_kwargs=template_kwargs)
-            turns.append((i, head, render(tokenizer, messages[: i + 1], chat_template, template_kwargs=template_kwargs)))
+            turn = render(tokenizer, messages[: i + 1], chat_template, template_kwargs=template_kwargs)
+            turns.append((i, head, turn))
     if all(full.startswith(head) and full.startswith(turn) for _, head, turn in turns):
         return [Rendering(full, [(len(head), len(turn)) for _, head, turn in turns])]
     for i, head, turn in turns:

@@ -3,8 +3,8 @@
 * :class:`RowSet`: rows back to back in flat int32 arrays (``input_ids``, ``labels``, ``position_ids``) with
   ``offsets``. Four numpy arrays pickle as four buffers that Ray maps zero-copy from the object store; a
   ``list[Row]`` is three arrays and two Python objects per row, all rebuilt by every worker that fetches it.
-* :class:`PlanShards`: made on the driver from the train rows and the batch plan (:class:`rayft.schedule.Plan`);
-  puts one object per (epoch, rank) holding only the rows that rank trains on in that epoch, in the order it
+* :class:`PlanShards`: made on the driver from the train rows and the batch plan
+  (:class:`rayft.schedule.Plan`); puts one object per (epoch, rank) holding only the rows that rank trains on in that epoch, in the order it
   uses them. A worker fetches its object for the current epoch on first use and drops the previous one.
 * :class:`EvalShards`: one object per rank holding ``rows[rank::world]``.
 
@@ -61,10 +61,10 @@ class RowSet:
     offsets: np.ndarray  # [n_rows + 1] int64, offsets[0] == 0
 
     def __post_init__(self) -> None:
-        n = len(self.input_ids)
-        if len(self.labels) != n or len(self.position_ids) != n or self.offsets[0] != 0 or self.offsets[-1] != n:
+        n, first, last = len(self.input_ids), self.offsets[0], self.offsets[-1]
+        if len(self.labels) != n or len(self.position_ids) != n or first != 0 or last != n:
             raise ValueError(f"inconsistent RowSet: {n} input_ids, {len(self.labels)} labels, "
-                             f"{len(self.position_ids)} position_ids, offsets {self.offsets[0]}..{self.offsets[-1]}")
+                             f"{len(self.position_ids)} position_ids, offsets {first}..{last}")
 
     @classmethod
     def from_rows(cls, rows: Sequence[Row]) -> RowSet:
@@ -159,10 +159,10 @@ class PlanShards:
         import ray
 
         if not np.array_equal(rows.lengths(), np.asarray(plan.lengths, dtype=np.int64)):
-            raise ValueError(f"the plan was made for other rows ({len(plan.lengths)} lengths, {len(rows)} rows)")
-        epochs = math.ceil(total_steps / plan.steps_per_epoch)
+            raise ValueError(f"the plan was made for other rows ({len(plan.lengths)} lengths, "
+                             f"{len(rows)} rows)")
         refs = [[ray.put(rows.take(shard_indices(plan, total_steps, epoch, rank))) for rank in range(plan.world)]
-                for epoch in range(epochs)]
+                for epoch in range(math.ceil(total_steps / plan.steps_per_epoch))]
         return cls(refs, plan.steps_per_epoch, plan.grad_accum, plan.micro_batch_size, total_steps)
 
     def micro_batches(self, step: int, rank: int) -> list[RowSet]:

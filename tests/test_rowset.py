@@ -1,4 +1,4 @@
-"""rayft.rowset: columnar rows equal the per-row records they replace, and workers get exactly the plan's rows.
+"""rayft.rowset: columnar rows equal the per-row records they replace; workers get exactly the plan's rows.
 
 Unit tier (no Ray) for RowSet, make_rows and collate; one local-Ray test for the per-(epoch, rank) shards.
 """
@@ -54,8 +54,8 @@ def random_rowset(n: int, seed: int) -> RowSet:
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     pos = np.arange(total) - np.repeat(offsets[:-1], lengths)
     pos = np.where(pos >= np.repeat(lengths // 2, lengths), pos - np.repeat(lengths // 2, lengths), pos)
-    return RowSet(rng.integers(0, 1000, total).astype(np.int32), rng.integers(-100, 1000, total).astype(np.int32),
-                  pos.astype(np.int32), offsets.astype(np.int64))
+    ids, labels = rng.integers(0, 1000, total), rng.integers(-100, 1000, total)
+    return RowSet(ids.astype(np.int32), labels.astype(np.int32), pos.astype(np.int32), offsets.astype(np.int64))
 
 
 def same_rows(a: RowSet, b: RowSet) -> bool:

@@ -109,7 +109,8 @@ def test_qwen3_reasoning_is_learned_in_its_turn_and_dropped_from_history(tok):
                  {"role": "assistant", "content": "<think>\nAdd them.\n</think>\n\n5"},
                  {"role": "user", "content": "And 7-4?"},
                  {"role": "assistant", "content": "<think>\nSubtract.\n</think>\n\n3"}]
-    first, second = tokenize_conversation(tok, reasoning, chat_template=QWEN3, template_kwargs={"enable_thinking": True})
+    first, second = tokenize_conversation(tok, reasoning, chat_template=QWEN3,
+                                          template_kwargs={"enable_thinking": True})
     assert learned(tok, first) == "<think>\nAdd them.\n</think>\n\n5<|im_end|>\n"
     assert learned(tok, second) == "<think>\nSubtract.\n</think>\n\n3<|im_end|>\n"
     assert "Add them." not in tok.decode(second.input_ids)  # Qwen3 drops earlier reasoning from the history
