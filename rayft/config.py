@@ -91,6 +91,10 @@ class DataConfig(Strict):
     max_examples: int | None = Field(None, ge=1)
     on_bad_row: Literal["error", "skip"] = "error"
     seed: int = 0
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="variables for the chat template at every rendering, e.g. {enable_thinking: false} (Qwen3)",
+    )
 
 
 class TrainConfig(Strict):

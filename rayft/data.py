@@ -7,12 +7,15 @@ Pipeline (run once on the driver; the rows then go to the workers through the ob
 
 Assistant-only labels come from *character spans*, not from the template. For every assistant turn ``i``
 we render ``messages[:i]`` with the generation prompt (where the assistant's text starts) and
-``messages[:i+1]`` (where its turn ends, end-of-turn marker included) and check that both are prefixes of
-the full rendering. The full text is then tokenized once with offsets, and a token is learned when its first
-character lies inside an assistant span. This works with any *prefix-stable* template, including the ones
-that ship without the ``{% generation %}`` keyword that ``apply_chat_template(return_assistant_tokens_mask=
-True)`` needs (most of them), and it learns the end-of-turn token, so the model learns to stop. A template
-that is not prefix-stable (say one that rewrites earlier turns) is reported instead of silently mislabelled.
+``messages[:i+1]`` (where its turn ends, end-of-turn marker included). When both are prefixes of the full
+rendering (a *prefix-stable* template, like ChatML), the conversation is one example with every assistant
+turn learned; when they are not (Qwen3 renders a ``<think>`` block only in the last turn), it becomes one
+example per assistant turn, rendered as the template renders it when that turn is the last, with loss on that
+turn only (:func:`assistant_spans` says why). Each text is tokenized once with offsets, and a token is learned
+when its first character lies inside a span. This works without the ``{% generation %}`` keyword that
+``apply_chat_template(return_assistant_tokens_mask=True)`` needs (most templates lack it), learns the
+end-of-turn token, so the model learns to stop, and passes ``data.chat_template_kwargs`` (``enable_thinking``)
+to every rendering. A template whose generation prompt is not where the turn starts is reported, not guessed.
 
 Labels are not shifted here: ``labels[t]`` is the target for position ``t`` and the loss compares
 ``logits[:, :-1]`` with ``labels[:, 1:]``.
@@ -27,14 +30,19 @@ first in a row is -100, because the shifted loss would otherwise predict it from
 from __future__ import annotations
 
 import bisect
+import functools
+import inspect
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from rayft.rowset import TOKEN_DTYPE, Row, RowSet  # Row: re-exported, the record a RowSet hands out
 
 IGNORE_INDEX = -100  # label value that the cross-entropy ignores (torch's default ignore_index)
 FORMATS = ("messages", "prompt_completion", "alpaca", "sharegpt")
@@ -302,61 +310,143 @@ def _short(value, limit: int = 60) -> str:
 # --------------------------------------------------------------------------------------------- tokenizing
 
 
+@dataclass(frozen=True)
+class Rendering:
+    """One training sequence as text, and the ``[start, end)`` character spans whose tokens are learned."""
+
+    text: str
+    spans: list[tuple[int, int]]
+
+
+@functools.cache
+def _reserved_template_names() -> frozenset[str]:
+    from transformers import PreTrainedTokenizerBase
+
+    params = inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters
+    return frozenset(params) - {"self", "kwargs"} | {"messages"}
+
+
+def template_kwargs_error(kwargs: dict) -> str | None:
+    """Why ``data.chat_template_kwargs`` cannot be passed to the template, or None when it can.
+
+    Its keys become template variables (``enable_thinking``); a key that names an argument of
+    ``apply_chat_template`` itself (``tokenize``, ``tools``, ...) or the conversation would collide with it.
+    """
+    clash = sorted(set(kwargs) & _reserved_template_names())
+    if clash:
+        return (f"data.chat_template_kwargs: {clash} are arguments of apply_chat_template (or the conversation), "
+                "not template variables; keep only variables such as enable_thinking")
+    return None
+
+
 def render(tokenizer, messages: list[dict], chat_template: str | None = None,
-           add_generation_prompt: bool = False) -> str:
-    """The chat template applied to ``messages``, as text."""
+           add_generation_prompt: bool = False, template_kwargs: dict | None = None) -> str:
+    """The chat template applied to ``messages``, as text; ``template_kwargs`` become template variables."""
     from jinja2 import TemplateError
 
     try:
         return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+                                             add_generation_prompt=add_generation_prompt, **(template_kwargs or {}))
     except TemplateError as e:  # e.g. a template's raise_exception("roles must alternate")
         raise ValueError(f"chat template rejected the conversation: {e}") from None
 
 
-def assistant_spans(tokenizer, messages: list[dict], chat_template: str | None = None) -> tuple[str, list]:
-    """The full rendering and the ``[start, end)`` character spans of every assistant turn.
+def assistant_spans(tokenizer, messages: list[dict], chat_template: str | None = None,
+                    template_kwargs: dict | None = None) -> list[Rendering]:
+    """The training sequences of one conversation and the character spans of their assistant turns.
 
-    ``start`` is where the generation prompt ends, ``end`` where the turn ends (end-of-turn marker included).
+    For assistant message ``i``, ``head`` is ``messages[:i]`` rendered with the generation prompt (what the
+    model is given at inference) and ``turn`` is ``messages[:i+1]`` (that turn rendered last, end-of-turn
+    marker included); the turn's span is ``[len(head), len(turn))``: what the model must generate.
+
+    * Prefix-stable conversation (every ``head`` and ``turn`` is a prefix of the full rendering; ChatML and
+      most templates): one sequence, the full rendering, with every assistant span.
+    * Otherwise (Qwen3 renders a ``<think>`` block only in the turn that ends the conversation and strips
+      reasoning from earlier turns): one sequence per assistant turn, ``turn`` itself with loss on that turn
+      only. Each sequence is then exactly the inference prompt followed by the answer, with the history as
+      the template renders history. The cost is re-encoding the history once per turn (quadratic in turns).
+      TRL (1.16) instead swaps in a patched template that gives every turn a think block (prefix-stable,
+      ``{% generation %}``-tagged): one sequence, but earlier turns are rendered as Qwen3 never renders them
+      at inference; we keep the model's own template.
+
+    What is learned after the generation prompt follows the template: with Qwen3 and ``enable_thinking``
+    true or unset the prompt ends at ``<|im_start|>assistant\\n``, so the think block (empty, or the turn's
+    reasoning) is learned with the answer, as the model will have to emit it; with ``enable_thinking: false``
+    the prompt already holds the empty think block and only the answer and ``<|im_end|>\\n`` are learned.
+
+    Raises ValueError for a template whose generation prompt is not a prefix of the turn rendered last: the
+    start of the answer cannot be located. That covers templates that render earlier text differently once
+    a turn is added (a message count in front, say) and data that contradicts the template arguments
+    (``enable_thinking: false`` with a ``<think>`` block in the turn).
     """
-    text = render(tokenizer, messages, chat_template)
-    spans = []
+    full = render(tokenizer, messages, chat_template, template_kwargs=template_kwargs)
+    turns = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        head = render(tokenizer, messages[:i], chat_template, add_generation_prompt=True)
-        turn = render(tokenizer, messages[: i + 1], chat_template)
-        if not (text.startswith(head) and text.startswith(turn)):
+        if m["role"] == "assistant":
+            head = render(tokenizer, messages[:i], chat_template, add_generation_prompt=True,
+                          template_kwargs=template_kwargs)
+            turn = render(tokenizer, messages[: i + 1], chat_template, template_kwargs=template_kwargs)
+            turns.append((i, head, turn))
+    if all(full.startswith(head) and full.startswith(turn) for _, head, turn in turns):
+        return [Rendering(full, [(len(head), len(turn)) for _, head, turn in turns])]
+    for i, head, turn in turns:
+        if not turn.startswith(head):
             raise ValueError(
-                f"chat template is not prefix-stable at message {i}: rendering the first turns is not a prefix of "
-                "rendering the whole conversation, so assistant tokens cannot be located; "
-                "set data.chat_template to a prefix-stable template or data.assistant_only_loss=false"
+                f"chat template is not prefix-stable at message {i}, even with that turn rendered last: the "
+                "generation prompt is not where the turn starts, so its tokens cannot be located. Not supported: "
+                "templates that render earlier text differently once a turn is added, and data that contradicts "
+                f"data.chat_template_kwargs={template_kwargs or {}} (enable_thinking=false with a <think> block "
+                "in the turn). Set data.chat_template or data.chat_template_kwargs, or data.assistant_only_loss=false"
             )
-        spans.append((len(head), len(turn)))
-    return text, spans
+    return [Rendering(turn, [(len(head), len(turn))]) for _, head, turn in turns]
 
 
-def tokenize_messages(tokenizer, messages: list[dict], *, chat_template: str | None = None,
-                      assistant_only: bool = True) -> Example:
-    """Render and tokenize one conversation; label the assistant turns (or every token).
+def tokenize_conversation(tokenizer, messages: list[dict], *, chat_template: str | None = None,
+                          assistant_only: bool = True, template_kwargs: dict | None = None) -> list[Example]:
+    """Render and tokenize one conversation into its training examples (see :func:`assistant_spans`): one
+    example, or one per assistant turn for a template that renders earlier turns differently. With
+    ``assistant_only=False`` every token of the full rendering is learned (one example).
 
-    Needs a fast tokenizer (character offsets). Returns an :class:`Example` with ``len(input_ids)`` tokens.
+    Needs a fast tokenizer (character offsets).
     """
     if not tokenizer.is_fast:
         raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer; character offsets are needed "
                          "to locate assistant tokens")
+    if template_kwargs and (err := template_kwargs_error(template_kwargs)):
+        raise ValueError(err)
     if assistant_only:
-        text, spans = assistant_spans(tokenizer, messages, chat_template)
+        renderings = assistant_spans(tokenizer, messages, chat_template, template_kwargs)
     else:
-        text, spans = render(tokenizer, messages, chat_template), [(0, float("inf"))]
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        text = render(tokenizer, messages, chat_template, template_kwargs=template_kwargs)
+        renderings = [Rendering(text, [(0, len(text))])]
+    return [_label(tokenizer, r) for r in renderings]
+
+
+def _label(tokenizer, rendering: Rendering) -> Example:
+    """Tokenize once with offsets; a token is learned when its first character lies inside a span."""
+    enc = tokenizer(rendering.text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     starts = np.array([s for s, _ in enc["offset_mapping"]], dtype=np.int64)
     learned = np.zeros(len(ids), dtype=bool)
-    for lo, hi in spans:
+    for lo, hi in rendering.spans:
         learned |= (starts >= lo) & (starts < hi)
     labels = [tok if keep else IGNORE_INDEX for tok, keep in zip(ids, learned.tolist(), strict=True)]
     return Example(ids, labels)
+
+
+def tokenize_messages(tokenizer, messages: list[dict], *, chat_template: str | None = None,
+                      assistant_only: bool = True, template_kwargs: dict | None = None) -> Example:
+    """The single example of a conversation that renders as one sequence (:func:`tokenize_conversation`).
+
+    Raises ValueError when the template splits it into one example per turn; callers that accept any
+    template use :func:`tokenize_conversation`.
+    """
+    examples = tokenize_conversation(tokenizer, messages, chat_template=chat_template,
+                                     assistant_only=assistant_only, template_kwargs=template_kwargs)
+    if len(examples) != 1:
+        raise ValueError(f"the chat template renders this conversation as {len(examples)} examples (one per "
+                         "assistant turn); use tokenize_conversation")
+    return examples[0]
 
 
 def resolve_chat_template(value: str | None) -> str | None:
@@ -528,43 +618,39 @@ def pack_examples(lengths: list[int], max_seq_len: int) -> list[list[int]]:
     return bins
 
 
-@dataclass
-class Row:
-    """One training sequence: a packed bin, or a single example when not packing. All int64 ``[T]``."""
+def make_rows(examples: list[Example], max_seq_len: int, packing: bool) -> RowSet:
+    """Examples to training rows of at most ``max_seq_len`` tokens (packed rows come longest-first).
 
-    input_ids: np.ndarray
-    labels: np.ndarray
-    position_ids: np.ndarray  # restarts at 0 at every example boundary
-
-
-def make_rows(examples: list[Example], max_seq_len: int, packing: bool) -> list[Row]:
-    """Examples to training rows of at most ``max_seq_len`` tokens (packed rows come longest-first)."""
-    if not packing:
-        return [_concat([e]) for e in examples]
-    bins = pack_examples([len(e.input_ids) for e in examples], max_seq_len)
-    return [_concat([examples[i] for i in b]) for b in bins]
-
-
-def _concat(examples: list[Example]) -> Row:
-    ids, labels, pos = [], [], []
-    for k, e in enumerate(examples):
-        lab = list(e.labels)
-        if k > 0 and lab:
-            # The shifted loss predicts labels[t+1] from position t: the first token of this example would be
-            # predicted from the last token of the previous one, which it cannot see.
-            lab[0] = IGNORE_INDEX
-        ids.extend(e.input_ids)
-        labels.extend(lab)
-        pos.extend(range(len(e.input_ids)))
-    return Row(np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64), np.asarray(pos, dtype=np.int64))
+    Built straight into flat arrays (no per-row objects): the driver holds one :class:`RowSet`.
+    """
+    lengths = [len(e.input_ids) for e in examples]
+    bins = pack_examples(lengths, max_seq_len) if packing else [[i] for i in range(len(examples))]
+    order = [i for b in bins for i in b]
+    ex_len = np.array([lengths[i] for i in order], dtype=np.int64)
+    total = int(ex_len.sum())
+    input_ids = np.fromiter(chain.from_iterable(examples[i].input_ids for i in order), TOKEN_DTYPE, count=total)
+    labels = np.fromiter(chain.from_iterable(examples[i].labels for i in order), TOKEN_DTYPE, count=total)
+    ex_start = np.cumsum(ex_len) - ex_len
+    position_ids = (np.arange(total) - np.repeat(ex_start, ex_len)).astype(TOKEN_DTYPE)
+    # The shifted loss predicts labels[t+1] from position t: the first token of every example after the first
+    # in a row would be predicted from the last token of the previous one, which it cannot see.
+    later = np.ones(len(order), dtype=bool)
+    bin_sizes = np.array([len(b) for b in bins], dtype=np.int64)
+    later[np.cumsum(bin_sizes) - bin_sizes] = False
+    labels[ex_start[later & (ex_len > 0)]] = IGNORE_INDEX
+    row_len = np.array([sum(lengths[i] for i in b) for b in bins], dtype=np.int64)
+    return RowSet(input_ids, labels, position_ids, np.concatenate([[0], np.cumsum(row_len)]).astype(np.int64))
 
 
-def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(rows: RowSet | Sequence[Row], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad rows to the longest: ``{"input_ids", "labels", "position_ids"}`` LongTensors ``[B, T]``.
 
     Padding gets labels -100 and position ids 0..k-1, which makes it a segment of its own: no real token
     attends to it. No ``attention_mask`` is returned on purpose (it would disable the packed-sequence mask).
+    A :class:`RowSet` and the list of its rows give the same tensors.
     """
+    if isinstance(rows, RowSet):
+        return _collate_rowset(rows, pad_id)
     width = max(len(r.input_ids) for r in rows)
     input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
@@ -575,5 +661,20 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
         labels[b, :n] = r.labels
         position_ids[b, :n] = r.position_ids
         position_ids[b, n:] = np.arange(width - n)
+    return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+            "position_ids": torch.from_numpy(position_ids)}
+
+
+def _collate_rowset(rows: RowSet, pad_id: int) -> dict[str, torch.Tensor]:
+    lengths = rows.lengths()
+    width = int(lengths.max())
+    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+    position_ids = np.arange(width)[None, :] - lengths[:, None]  # padding: 0..k-1 after each row's end
+    at_row = np.repeat(np.arange(len(rows)), lengths)
+    at_col = np.arange(rows.num_tokens()) - np.repeat(rows.offsets[:-1], lengths)
+    input_ids[at_row, at_col] = rows.input_ids
+    labels[at_row, at_col] = rows.labels
+    position_ids[at_row, at_col] = rows.position_ids
     return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
             "position_ids": torch.from_numpy(position_ids)}
