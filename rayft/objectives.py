@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from rayft.data import IGNORE_INDEX, collate
 from rayft.engine import MicroBatch
+from rayft.rowset import RowSet
 
 
 def label_tokens(labels_BT: torch.Tensor) -> int:
@@ -28,8 +29,10 @@ def label_tokens(labels_BT: torch.Tensor) -> int:
     return int((labels_BT[:, 1:] != IGNORE_INDEX).sum())
 
 
-def rows_batch(rows: list, pad_id: int) -> MicroBatch:
-    """Collated SFT rows with their token (no padding) and example counts."""
+def rows_batch(rows, pad_id: int) -> MicroBatch:
+    """Collated SFT rows (a RowSet or a list of Row) with their token (no padding) and example counts."""
+    if isinstance(rows, RowSet):
+        return MicroBatch(collate(rows, pad_id), tokens=rows.num_tokens(), samples=rows.num_examples())
     return MicroBatch(collate(rows, pad_id), tokens=sum(len(r.input_ids) for r in rows),
                       samples=sum(int((r.position_ids == 0).sum()) for r in rows))
 
@@ -58,8 +61,8 @@ class SFTData:
         out = []
         for b in range(n_batches):
             part = shard[b * mbs:(b + 1) * mbs]
-            mb = rows_batch(part or shard[:1] or self.eval.shard(0)[:1], self.pad_id)
-            if not part:
+            mb = rows_batch(part if len(part) else shard[:1] if len(shard) else self.eval.shard(0)[:1], self.pad_id)
+            if not len(part):
                 mb.tensors["labels"].fill_(IGNORE_INDEX)
             out.append(mb)
         return out

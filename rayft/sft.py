@@ -44,7 +44,7 @@ __all__ = ["Prepared", "SFTResult", "build_trainer", "prepare", "put", "read_met
 class Prepared:
     """Tokenized rows in the object store, shared by every worker of a run (and every trial of a sweep)."""
 
-    rows_ref: object  # ray.ObjectRef of {"train": rows, "eval": rows}
+    rows_ref: object  # ray.ObjectRef of {"train": RowSet, "eval": RowSet}: one copy for a run or a sweep
     lengths: tuple[int, ...]  # training row lengths: the batch plan needs them on the driver
     stats: dict
     n_train_rows: int
@@ -82,7 +82,7 @@ def tokenize(cfg: SFTConfig) -> tuple[dict, dict]:
     data = prepare_data(cfg.data, tokenizer, trust_remote_code=cfg.model.trust_remote_code)
     rows = {"train": make_rows(data.train, cfg.data.max_seq_len, cfg.data.packing),
             "eval": make_rows(data.eval, cfg.data.max_seq_len, cfg.data.packing)}
-    make_plan(cfg, [len(r.input_ids) for r in rows["train"]])
+    make_plan(cfg, rows["train"].lengths())
     stats = {**data.stats, "pad_token_id": tokenizer.pad_token_id}
     tr = data.stats["train"]
     log.info("data: %d train examples -> %d rows (%s), %d eval examples; skipped %d bad rows, truncated %d, "
@@ -96,7 +96,7 @@ def put(rows: dict, stats: dict) -> Prepared:
     """Place tokenized rows in the object store once; every worker (and every sweep trial) reads them."""
     import ray
 
-    return Prepared(ray.put(rows), tuple(len(r.input_ids) for r in rows["train"]), stats, len(rows["train"]),
+    return Prepared(ray.put(rows), tuple(rows["train"].lengths().tolist()), stats, len(rows["train"]),
                     len(rows["eval"]), stats["pad_token_id"])
 
 
@@ -131,7 +131,7 @@ def build_trainer(cfg: SFTConfig, prepared: Prepared, *, callbacks: list | None 
     from ray.train.torch import TorchTrainer
 
     from rayft.objectives import SFTData, SFTObjective
-    from rayft.shards_interim import EvalShards, PlanShards
+    from rayft.rowset import EvalShards, PlanShards
     from rayft.train_loop import LoopConfig, train_loop_per_worker
 
     # Ray Train V2 workers hand each report to the controller through a one-slot queue that the controller
@@ -145,7 +145,7 @@ def build_trainer(cfg: SFTConfig, prepared: Prepared, *, callbacks: list | None 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / DATA_STATS_FILE).write_text(json.dumps(prepared.stats, indent=2))
     plan, total_steps = make_plan(cfg, prepared.lengths)
-    rows = ray.get(prepared.rows_ref)
+    rows = ray.get(prepared.rows_ref)  # flat numpy arrays: zero-copy views of the object store
     data = SFTData(train=PlanShards.put(rows["train"], plan, total_steps),
                    eval=EvalShards.put(rows["eval"], t.num_workers), n_eval=prepared.n_eval_rows,
                    world=t.num_workers, micro_batch_size=t.micro_batch_size, pad_id=prepared.pad_token_id)
