@@ -113,8 +113,10 @@ class DataConfig(Strict):
     "train"), else from ``test_split`` of a single ``train`` source, else there is none. ``max_examples``
     also caps each of eval and test when they are their own sources.
 
-    **Tokenization** runs in ``num_proc`` processes for a source that takes more than a few seconds; the
-    result (examples, order, statistics, the first bad row) is the same as in-process.
+    **Tokenization** of a source still going after 2 s continues in ``num_proc`` spawned processes; the result
+    (examples, their order, statistics, the first bad row) is that of the in-process path, so ``num_proc`` may
+    differ between runs and resumes. (A script that calls ``prepare_data`` itself needs the usual
+    ``if __name__ == "__main__":`` guard of programs that start processes.)
     """
 
     train: str | list[DataSource] = Field(
