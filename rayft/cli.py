@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 
 from rayft.config import ConfigError
-from rayft.data import DataError
+from rayft.readers import DataError
 
 # Exception type -> the prefix of its message on stderr (config messages already start with the field).
 USER_ERRORS: dict[type[Exception], str] = {ConfigError: "", DataError: "data error: "}

@@ -7,6 +7,7 @@ never written back into it. Each run saves its resolved config beside its output
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # ``changed_fields``): how long it trains and how it reports, never what or how it learns.
 RESUME_MAY_CHANGE = (
     "train.max_steps", "train.epochs", "train.logging_steps", "train.eval_steps", "train.save_steps",
-    "train.keep_checkpoints", "train.max_failures", "run.progress",
+    "train.keep_checkpoints", "train.max_failures", "run.progress", "data.num_proc",
 )
 
 
@@ -68,13 +69,68 @@ class FinetuneConfig(Strict):
         "its LoRA settings then come from the adapter, and it is the reference policy for DPO and RL")
 
 
+RowFormat = Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt"]
+
+
+class DataSource(Strict):
+    """One entry of a ``data.train`` mixture: a dataset, its weight, and how to read it.
+
+    Its options are its own (the defaults below), not inherited from ``data.train_split``/``subset``/
+    ``format``/``columns``: those describe the sources written as strings (``data.train``, ``data.eval``,
+    ``data.test``).
+    """
+
+    source: str = Field(min_length=1, description="Hub dataset id, or a local .jsonl/.json/.parquet file")
+    weight: float = Field(1.0, gt=0, description="relative share of the mixed training set's examples")
+    split: str = "train"
+    subset: str | None = Field(None, description="Hub dataset configuration name")
+    format: RowFormat = "auto"
+    columns: dict[str, str] = Field(default_factory=dict, description="rename columns before format detection")
+
+
 class DataConfig(Strict):
-    train: str = Field(description="Hub dataset id, or a local .jsonl/.json/.parquet file")
+    """Where the SFT data comes from, how it is mixed, held out and tokenized.
+
+    **Sources.** ``train`` is one source (a hub id or a local file, read with ``train_split``, ``subset``,
+    ``format`` and ``columns``) or a mixture, a list of :class:`DataSource` entries with their own options::
+
+        train:
+          - {source: openai/gsm8k, subset: main, columns: {prompt: question, completion: answer}, weight: 3}
+          - {source: general_chat.jsonl, weight: 1}     # general data in the mix against forgetting
+
+    **Mixture.** A weight is a source's relative share of the mixed set's *examples* (weights 3 and 1: 75% and
+    25%). The source with the largest weight (the first of equals) is used whole; every other source is sampled
+    to its share of that: down-sampled to a random subset when it has more usable examples, up-sampled when it
+    has fewer (repeated whole, then a random subset for the remainder). Source ``i`` (0-based) draws with
+    ``seed + i``, so a config always gives the same mix. ``max_examples`` caps the mix: a source reads only its
+    first ``round(share * max_examples)`` usable examples (for quick runs of big datasets). The mixed set lists
+    the sources in order, each in its file order. Statistics are reported per source (rows read, skipped,
+    truncated, dropped, examples taken for train and eval) and summed.
+
+    **Held-out sets.** Eval (the loss followed during training, and what sweeps select on) comes from ``eval``
+    (split ``eval_split``, default "train"); else from ``eval_split`` of a single ``train`` source; else
+    ``eval_fraction`` of every train source is held out (at least one example each, before the source is
+    re-sampled, so no example or repeat of it is in both sets). Test, for the final report only (evaluated
+    once after training, never used to select anything), comes from ``test`` (split ``test_split``, default
+    "train"), else from ``test_split`` of a single ``train`` source, else there is none. ``max_examples``
+    also caps each of eval and test when they are their own sources.
+
+    **Tokenization** of a source still going after 2 s continues in ``num_proc`` spawned processes; the result
+    (examples, their order, statistics, the first bad row) is that of the in-process path, so ``num_proc`` may
+    differ between runs and resumes. (A script that calls ``prepare_data`` itself needs the usual
+    ``if __name__ == "__main__":`` guard of programs that start processes.)
+    """
+
+    train: str | list[DataSource] = Field(
+        description="Hub dataset id or local .jsonl/.json/.parquet file, or a list of weighted sources (a mixture)"
+    )
     eval: str | None = Field(None, description="Held-out set; when absent, eval_fraction of train is held out")
+    test: str | None = Field(None, description="Final-report set, evaluated once after training")
     train_split: str = "train"
     eval_split: str | None = None
+    test_split: str | None = None
     subset: str | None = Field(None, description="Hub dataset configuration name (e.g. 'main' for gsm8k)")
-    format: Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt"] = "auto"
+    format: RowFormat = "auto"
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="rename dataset columns before format detection, e.g. {prompt: question, completion: answer}",
@@ -95,6 +151,61 @@ class DataConfig(Strict):
         default_factory=dict,
         description="variables for the chat template at every rendering, e.g. {enable_thinking: false} (Qwen3)",
     )
+    num_proc: int | None = Field(
+        None, ge=1, description="tokenization processes; default min(CPUs, 8); 1 = in-process. Results do not depend on it"
+    )
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _sources(cls, v):
+        # Checked here, entry by entry, so that a mistake is reported once and names its entry: pydantic's
+        # report for a union lists the failure of every alternative (not a string, and not this list).
+        if isinstance(v, str):
+            return v
+        if not isinstance(v, list):
+            raise ValueError(f"expected a source (hub id or file) or a list of {{source, weight}} entries, "
+                             f"got {type(v).__name__}")
+        if not v:
+            raise ValueError("an empty list names no data; give a source or at least one {source, weight} entry")
+        entries = []
+        for i, entry in enumerate(v):
+            try:
+                entries.append(DataSource.model_validate(entry))
+            except ValidationError as e:
+                err = e.errors()[0]
+                where = "".join(f".{p}" for p in err["loc"])
+                what = "unknown key (not a field of a train source; check the spelling)" \
+                    if err["type"] == "extra_forbidden" else err["msg"]
+                raise ValueError(f"entry {i}{where}: {what}") from None
+        return entries
+
+    @model_validator(mode="after")
+    def _mixture_rules(self):
+        # Options that would silently apply to nothing with a train list are refused. Values, not
+        # model_fields_set, are checked: a saved config lists every field and must load again.
+        if isinstance(self.train, str):
+            return self
+        for held in ("eval", "test"):
+            if getattr(self, f"{held}_split") is not None and getattr(self, held) is None:
+                raise ValueError(f"{held}_split without data.{held} names a split of the train source, but data.train "
+                                 f"is a mixture; set data.{held} (and {held}_split)"
+                                 + (", or eval_fraction to hold out part of every source" if held == "eval" else ""))
+        if self.train_split != "train":
+            raise ValueError("train_split applies to a single data.train source; with a data.train list give each "
+                             "entry its own split")
+        if self.eval is None and self.test is None:
+            for name, default in (("subset", None), ("format", "auto"), ("columns", {})):
+                if getattr(self, name) != default:
+                    raise ValueError(f"{name} applies to sources written as strings (data.train, data.eval, "
+                                     f"data.test); with a data.train list set {name} on each entry")
+        return self
+
+    def with_paths(self, fix: Callable[[str], str]) -> DataConfig:
+        """A copy with every source passed through ``fix`` (``resolve_paths`` makes local paths absolute)."""
+        train = fix(self.train) if isinstance(self.train, str) else [
+            s.model_copy(update={"source": fix(s.source)}) for s in self.train]
+        return self.model_copy(update={"train": train, "eval": self.eval and fix(self.eval),
+                                       "test": self.test and fix(self.test)})
 
 
 class TrainConfig(Strict):
@@ -293,7 +404,8 @@ def changed_fields(old: dict, new: dict, allowed: tuple[str, ...] = RESUME_MAY_C
     ['train.lr: 0.0001 -> 0.0002']
     """
     a, b = _flatten(old), _flatten(new)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+    # a field the saved config lacks came with a newer rayft: the run used that field's default
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a)
             if a.get(k) != b.get(k) and k not in allowed]
 
 
@@ -318,8 +430,7 @@ def resolve_paths(cfg: C, base: str | Path | None = None) -> C:
         out.finetune.init_adapter = fix(out.finetune.init_adapter)
     data = getattr(out, "data", None)
     if data is not None:
-        data.train = fix(data.train)
-        data.eval = fix(data.eval)
+        out.data = data = data.with_paths(fix)
         if data.chat_template and Path(data.chat_template).suffix in (".jinja", ".j2", ".txt"):
             data.chat_template = fix(data.chat_template)
     for attr in ("storage_path", "registry"):

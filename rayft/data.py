@@ -2,8 +2,10 @@
 
 Pipeline (run once on the driver; the rows then go to the workers through the object store)::
 
-    read_rows -> (columns rename) -> detect_format -> to_messages -> tokenize_messages -> truncate/filter
-        -> prepare_data (train / eval split) -> make_rows (packing, position_ids) -> collate (per micro-batch)
+    read_rows (rayft.readers) -> (columns rename) -> detect_format -> to_messages -> tokenize_messages
+        -> truncate/filter  [build_examples: one source, rows in up to data.num_proc processes]
+        -> prepare_data (weighted mixture of train sources, eval and test sets; rayft.mixture)
+        -> make_rows (packing, position_ids) -> collate (per micro-batch)
 
 Assistant-only labels come from *character spans*, not from the template. For every assistant turn ``i``
 we render ``messages[:i]`` with the generation prompt (where the assistant's text starts) and
@@ -32,33 +34,29 @@ from __future__ import annotations
 import bisect
 import functools
 import inspect
-import json
-import random
+import os
+import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from contextlib import closing
+from dataclasses import asdict, dataclass, field, replace
 from itertools import chain
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
-import torch
 
+from rayft.config import DataSource
+from rayft.mixture import draw, mix_counts, read_caps, shares
+from rayft.ordered_pool import ordered_map
+from rayft.readers import DataError, read_rows, rename_columns, row_error
 from rayft.rowset import TOKEN_DTYPE, Row, RowSet  # Row: re-exported, the record a RowSet hands out
 
 IGNORE_INDEX = -100  # label value that the cross-entropy ignores (torch's default ignore_index)
 FORMATS = ("messages", "prompt_completion", "alpaca", "sharegpt")
 ROLES = ("system", "user", "assistant")
-LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 MAX_SKIPPED_EXAMPLES = 20  # skipped-row messages kept for the logs and the manifest
 MAX_SKIPPED_FRACTION = 0.5  # above this, on_bad_row=skip still fails: the data or the format is wrong
-
-
-class DataError(ValueError):
-    """Data that cannot be used. Row-level messages read ``"<file>:<1-based row>: <reason>"``."""
-
-
-def row_error(location: str, row: int, reason: str) -> DataError:
-    return DataError(f"{location}:{row}: {reason}")
 
 
 @dataclass
@@ -88,99 +86,7 @@ class DataStats:
 
     def count_tokens(self, examples: list[Example]) -> None:
         self.tokens = sum(len(e.input_ids) for e in examples)
-        self.label_tokens = sum(sum(lab != IGNORE_INDEX for lab in e.labels) for e in examples)
-
-
-# --------------------------------------------------------------------------------------------- reading
-
-
-def read_rows(source: str, *, split: str = "train", subset: str | None = None,
-              trust_remote_code: bool = False) -> Iterator[tuple[str, int, dict | DataError]]:
-    """Yield ``(location, 1-based row number, row)`` from a local file or a Hugging Face dataset.
-
-    A row that cannot be parsed is yielded as a :class:`DataError` (not raised), so that the caller's
-    ``on_bad_row`` policy decides. Problems with the whole source (missing file, unsupported type, a ``.json``
-    file that is not a list) raise. ``trust_remote_code`` is accepted for symmetry with the model options but
-    not forwarded: ``datasets`` >= 4 no longer runs dataset scripts.
-    """
-    del trust_remote_code
-    path = Path(source).expanduser()
-    if path.is_file():
-        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
-        if path.suffix not in readers:
-            raise DataError(f"{source}: unsupported file type {path.suffix!r}; use one of {list(LOCAL_SUFFIXES)}")
-        yield from readers[path.suffix](source, path)
-    elif path.suffix in LOCAL_SUFFIXES:
-        # Looks like a file, not a hub id: say so instead of a confusing hub lookup error.
-        raise DataError(f"{source}: file not found")
-    else:
-        yield from _read_hub(source, split, subset)
-
-
-def _read_jsonl(loc: str, path: Path) -> Iterator[tuple[str, int, dict | DataError]]:
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue  # blank lines (a trailing newline, a separator) are not rows
-            try:
-                row = json.loads(line.rstrip("\r\n"))  # so the column of an error is on this line
-            except json.JSONDecodeError as e:
-                yield loc, line_no, row_error(loc, line_no, f"not valid JSON ({e.msg} at column {e.colno})")
-                continue
-            yield loc, line_no, _object_or_error(loc, line_no, row)
-
-
-def _read_json(loc: str, path: Path) -> Iterator[tuple[str, int, dict | DataError]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{loc}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(data, list):
-        raise DataError(f"{loc}: expected a JSON list of row objects, got {type(data).__name__}")
-    for i, row in enumerate(data, start=1):
-        yield loc, i, _object_or_error(loc, i, row)
-
-
-def _read_parquet(loc: str, path: Path) -> Iterator[tuple[str, int, dict | DataError]]:
-    import pyarrow.parquet as pq
-
-    row_no = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            row_no += 1
-            yield loc, row_no, row
-
-
-def _read_hub(source: str, split: str, subset: str | None) -> Iterator[tuple[str, int, dict | DataError]]:
-    """A hub dataset id (or a local dataset folder), read with ``datasets.load_dataset``."""
-    import datasets
-
-    loc = f"{source}[{split}]"
-    for i, row in enumerate(datasets.load_dataset(source, subset, split=split), start=1):
-        yield loc, i, row
-
-
-def _object_or_error(loc: str, row_no: int, row) -> dict | DataError:
-    if isinstance(row, dict):
-        return row
-    return row_error(loc, row_no, f"row is a JSON {type(row).__name__}, expected an object")
-
-
-def rename_columns(row: dict, columns: dict[str, str]) -> dict:
-    """Apply ``data.columns`` (``{wanted_name: column_in_the_data}``) before format detection.
-
-    >>> rename_columns({"question": "q", "answer": "a"}, {"prompt": "question", "completion": "answer"})
-    {'prompt': 'q', 'completion': 'a'}
-    """
-    if not columns:
-        return row
-    out = dict(row)
-    for wanted, column in columns.items():
-        if column not in out:
-            raise ValueError(f"column {column!r} (mapped to {wanted!r} by data.columns) is missing; "
-                             f"row has {sorted(row)}")
-        out[wanted] = out.pop(column)
-    return out
+        self.label_tokens = sum(len(e.labels) - e.labels.count(IGNORE_INDEX) for e in examples)
 
 
 # --------------------------------------------------------------------------------------------- formats
@@ -458,57 +364,204 @@ def resolve_chat_template(value: str | None) -> str | None:
 
 # --------------------------------------------------------------------------------------------- building
 
+PROCESS_AFTER_S = 2.0  # a source still tokenizing after this long in-process moves to worker processes
+CHUNK_ROWS = 256  # rows per task sent to a worker process
+CHUNKS_PER_PROCESS = 4  # tasks in flight per process: keeps workers busy, bounds what waits in memory
 
-def build_examples(source: str, cfg, tokenizer, *, split: str,
-                   trust_remote_code: bool = False) -> tuple[list[Example], DataStats]:
+
+@dataclass(frozen=True)
+class RowJob:
+    """Everything that turns one row of a source into an example (picklable: it goes to worker processes)."""
+
+    format: str | None  # None until the first row that fits fixes it (format "auto")
+    columns: dict
+    system_prompt: str | None
+    chat_template: str | None
+    assistant_only: bool
+    max_seq_len: int
+    truncation: str
+    template_kwargs: dict = field(default_factory=dict)
+
+
+class Outcome(NamedTuple):
+    """What became of one row: its examples (one, or one per assistant turn for templates that render
+    earlier turns differently), a row filtered out (``dropped``), or a bad row (``error``)."""
+
+    examples: tuple = ()
+    truncated: bool = False
+    dropped: str | None = None  # "too_long" | "no_labels"
+    error: str | None = None  # "file:row: reason"
+
+
+def row_outcome(loc: str, row_no: int, row: dict | DataError, job: RowJob, tokenizer) -> Outcome:
+    """One row to its :class:`Outcome`; a pure function of the row, so rows can be done in any process."""
+    try:
+        if isinstance(row, DataError):
+            raise row
+        messages = to_messages(rename_columns(row, job.columns), job.format, job.system_prompt)
+        found = tokenize_conversation(tokenizer, messages, chat_template=job.chat_template,
+                                      assistant_only=job.assistant_only, template_kwargs=job.template_kwargs)
+    except ValueError as e:
+        return Outcome(error=str(e if isinstance(e, DataError) else row_error(loc, row_no, str(e))))
+    kept, truncated, dropped = [], False, None
+    for ex in found:
+        if len(ex.input_ids) > job.max_seq_len:
+            if job.truncation == "drop":
+                dropped = "too_long"
+                continue
+            truncated = True
+            ex = Example(ex.input_ids[: job.max_seq_len], ex.labels[: job.max_seq_len])
+        # labels[0] is never a target (nothing precedes it), so it does not count as something to learn.
+        if all(lab == IGNORE_INDEX for lab in ex.labels[1:]):
+            dropped = dropped or "no_labels"
+            continue
+        kept.append(ex)
+    return Outcome(tuple(kept), truncated=truncated, dropped=None if kept else dropped)
+
+
+def _detect(loc: str, row_no: int, row: dict | DataError, columns: dict) -> tuple[str | None, Outcome | None]:
+    """The format this row fixes for its source, or the bad-row outcome when it fits none."""
+    if isinstance(row, DataError):
+        return None, Outcome(error=str(row))
+    try:
+        return detect_format(rename_columns(row, columns)), None
+    except ValueError as e:
+        return None, Outcome(error=str(row_error(loc, row_no, str(e))))
+
+
+def _outcomes(rows: Iterator, job: RowJob, tokenizer, num_proc: int) -> Iterator[Outcome]:
+    """Outcomes of ``rows`` in row order. Rows go in-process first; a source that is still going after
+    ``PROCESS_AFTER_S`` continues in ``num_proc`` worker processes (their start-up, about a second, would
+    dominate small sources). The driver keeps reading and sends rows by chunks; results come back in order,
+    so counting, the bad-row policy and the ``max_examples`` stop stay on the driver, as in-process."""
+    start = time.perf_counter()
+    for item in rows:
+        if num_proc > 1 and time.perf_counter() - start >= PROCESS_AFTER_S:
+            yield from map(_from_wire, ordered_map(
+                _tokenize_chunk, chain([item], rows), processes=num_proc, chunk=CHUNK_ROWS,
+                in_flight=num_proc * CHUNKS_PER_PROCESS, initializer=_init_worker, initargs=(tokenizer, job)))
+            return
+        yield row_outcome(*item, job, tokenizer)
+
+
+_worker_state: tuple | None = None  # (tokenizer, RowJob) in a worker process, sent once by the initializer
+
+
+def _init_worker(tokenizer, job: RowJob) -> None:
+    global _worker_state
+    _worker_state = (tokenizer, job)
+
+
+def _tokenize_chunk(chunk: list[tuple[str, int, dict | DataError]]) -> list[Outcome]:
+    tokenizer, job = _worker_state
+    return [_to_wire(row_outcome(loc, row_no, row, job, tokenizer)) for loc, row_no, row in chunk]
+
+
+class _Learned(NamedTuple):
+    """An example on its way back from a worker: ``labels`` as the ``[start, end)`` spans where they equal
+    ``input_ids``. Sent as a list, every -100 would be unpickled as an int object of its own (Python shares
+    only -5..256): 36 bytes per unlearned token on the driver instead of 8, +550 MiB for the 200k benchmark."""
+
+    input_ids: list[int]
+    spans: list[tuple[int, int]]
+
+
+def _to_wire(out: Outcome) -> Outcome:
+    return out._replace(examples=tuple(_example_to_wire(ex) for ex in out.examples))
+
+
+def _from_wire(out: Outcome) -> Outcome:
+    return out._replace(examples=tuple(_example_from_wire(ex) for ex in out.examples))
+
+
+def _example_to_wire(ex: Example) -> Example | _Learned:
+    ids, labels = ex.input_ids, ex.labels
+    spans, t = [], 0
+    while t < len(labels):
+        start = t
+        while t < len(labels) and labels[t] != IGNORE_INDEX:
+            t += 1
+        if t > start:
+            spans.append((start, t))
+        t += 1
+    if any(ids[a:b] != labels[a:b] for a, b in spans):
+        return ex  # not the Example invariant (labels are input_ids or -100): send the labels as they are
+    return _Learned(ids, spans)
+
+
+def _example_from_wire(ex: Example | _Learned) -> Example:
+    if not isinstance(ex, _Learned):
+        return ex
+    labels = [IGNORE_INDEX] * len(ex.input_ids)
+    for a, b in ex.spans:
+        labels[a:b] = ex.input_ids[a:b]
+    return Example(ex.input_ids, labels)
+
+
+def default_num_proc() -> int:
+    """``data.num_proc`` when unset: the CPUs this process may use (all of them where the OS does not say),
+    at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # Linux only
+    return min(cpus, 8)
+
+
+def string_source(cfg, source: str, split: str) -> DataSource:
+    """A source written as a string takes ``data.subset``, ``format`` and ``columns``."""
+    return DataSource(source=source, split=split, subset=cfg.subset, format=cfg.format, columns=cfg.columns)
+
+
+def build_examples(source: str | DataSource, cfg, tokenizer, *, split: str = "train",
+                   trust_remote_code: bool = False, max_examples: int | None = None) -> tuple[list[Example], DataStats]:
     """Read, validate, tokenize and filter one source. ``cfg`` is a :class:`rayft.config.DataConfig`.
 
-    ``cfg.max_examples`` caps the kept examples (reading stops there). Bad rows raise at once under
-    ``on_bad_row=error``; under ``skip`` they are counted, but more than half of the rows being bad still
-    raises, since that means a wrong format or column mapping rather than a few dirty rows.
+    A string source is read with ``split`` and ``cfg``'s subset, format and columns; a :class:`DataSource`
+    with its own. ``max_examples`` (default ``cfg.max_examples``) caps the kept examples (reading stops there).
+    Bad rows raise at once under ``on_bad_row=error``; under ``skip`` they are counted, but more than half of
+    the rows being bad still raises, since that means a wrong format or column mapping rather than a few dirty
+    rows. Rows are tokenized in up to ``cfg.num_proc`` processes with the same result as in-process.
     """
-    stats = DataStats(format=None if cfg.format == "auto" else cfg.format)
-    template = resolve_chat_template(cfg.chat_template)
+    src = source if isinstance(source, DataSource) else string_source(cfg, source, split)
+    limit = cfg.max_examples if max_examples is None else max_examples
+    job = RowJob(None if src.format == "auto" else src.format, src.columns, cfg.system_prompt,
+                 resolve_chat_template(cfg.chat_template), cfg.assistant_only_loss, cfg.max_seq_len, cfg.truncation,
+                 dict(cfg.chat_template_kwargs))
+    stats = DataStats(format=job.format)
     examples: list[Example] = []
-    for loc, row_no, row in read_rows(source, split=split, subset=cfg.subset, trust_remote_code=trust_remote_code):
+
+    def take(out: Outcome) -> bool:
+        """Count one row's outcome, in row order; True once the cap is reached."""
         stats.rows_read += 1
-        try:
-            example = _row_example(row, cfg, tokenizer, template, stats)
-        except ValueError as e:
-            _bad_row(e if isinstance(e, DataError) else row_error(loc, row_no, str(e)), cfg, stats)
-            continue
-        if example is not None:
-            examples.append(example)
-        if cfg.max_examples is not None and len(examples) >= cfg.max_examples:
+        if out.error is not None:
+            _bad_row(DataError(out.error), cfg, stats)
+            return False
+        stats.truncated += out.truncated
+        stats.dropped_too_long += out.dropped == "too_long"
+        stats.dropped_no_labels += out.dropped == "no_labels"
+        examples.extend(out.examples)
+        return limit is not None and len(examples) >= limit
+
+    rows = iter(read_rows(src.source, split=src.split, subset=src.subset, trust_remote_code=trust_remote_code))
+    capped = False
+    while job.format is None and not capped:  # the first row that fits fixes the format: a sequential step
+        item = next(rows, None)
+        if item is None:
             break
-    _check_skipped(source, stats)
+        fmt, bad = _detect(*item, src.columns)
+        if fmt is not None:
+            job = replace(job, format=fmt)
+            stats.format = fmt
+        capped = take(bad or row_outcome(*item, job, tokenizer))
+    if not capped and job.format is not None:
+        with closing(_outcomes(rows, job, tokenizer, cfg.num_proc or default_num_proc())) as outcomes:
+            for out in outcomes:
+                if take(out):
+                    break
+    _check_skipped(src.source, stats)
     if not examples:
-        raise DataError(f"{source}: no usable examples in {stats.rows_read} rows ({stats.dropped_too_long} longer "
-                        f"than max_seq_len={cfg.max_seq_len}, {stats.dropped_no_labels} with nothing to learn)")
+        raise DataError(f"{src.source}: no usable examples in {stats.rows_read} rows ({stats.dropped_too_long} "
+                        f"longer than max_seq_len={cfg.max_seq_len}, {stats.dropped_no_labels} with nothing to learn)")
     stats.count_tokens(examples)
     return examples, stats
-
-
-def _row_example(row: dict | DataError, cfg, tokenizer, template: str | None, stats: DataStats) -> Example | None:
-    """One row to one example; ``None`` when it is filtered out (counted in ``stats``)."""
-    if isinstance(row, DataError):
-        raise row
-    row = rename_columns(row, cfg.columns)
-    if stats.format is None:
-        stats.format = detect_format(row)  # the first row that fits fixes the format for the source
-    messages = to_messages(row, stats.format, cfg.system_prompt)
-    ex = tokenize_messages(tokenizer, messages, chat_template=template, assistant_only=cfg.assistant_only_loss)
-    if len(ex.input_ids) > cfg.max_seq_len:
-        if cfg.truncation == "drop":
-            stats.dropped_too_long += 1
-            return None
-        stats.truncated += 1
-        ex = Example(ex.input_ids[: cfg.max_seq_len], ex.labels[: cfg.max_seq_len])
-    # labels[0] is never a target (nothing precedes it), so it does not count as something to learn.
-    if all(lab == IGNORE_INDEX for lab in ex.labels[1:]):
-        stats.dropped_no_labels += 1
-        return None
-    return ex
 
 
 def _bad_row(err: DataError, cfg, stats: DataStats) -> None:
@@ -534,42 +587,118 @@ def _check_skipped(source: str, stats: DataStats) -> None:
         )
 
 
+# --------------------------------------------------------------------------------------------- prepare_data
+
+
+@dataclass
+class SourceStats(DataStats):
+    """:class:`DataStats` of one train source of a mixture, and what the mix took from it."""
+
+    source: str = ""
+    split: str = ""
+    weight: float = 1.0
+    share: float = 1.0  # weight / sum of weights
+    usable: int = 0  # examples left after filtering (before re-sampling)
+    train_examples: int = 0  # taken into train, repeats included
+    eval_examples: int = 0  # held out for eval
+
+
 @dataclass
 class PreparedData:
     train: list[Example]
     eval: list[Example]
-    stats: dict  # {"train": DataStats.as_dict(), "eval": ..., "format": str, "eval_source": str}
+    stats: dict  # {"train", "eval", "test": DataStats.as_dict(), "sources": [SourceStats.as_dict()],
+    #               "format", "eval_source", "test_source"}
+    test: list[Example] = field(default_factory=list)  # final-report set; empty when none is configured
+
+
+def train_sources(cfg) -> list[DataSource]:
+    """``data.train`` as a list of sources (a string is one source of weight 1)."""
+    if isinstance(cfg.train, str):
+        return [string_source(cfg, cfg.train, cfg.train_split)]
+    return list(cfg.train)
+
+
+def held_out_source(cfg, which: str) -> DataSource | None:
+    """The eval or test source: ``data.<which>``, else the ``<which>_split`` of the single train source."""
+    path, split = getattr(cfg, which), getattr(cfg, f"{which}_split")
+    if path is not None:
+        return string_source(cfg, path, split or "train")
+    if split is None:
+        return None
+    if Path(cfg.train).expanduser().is_file():  # the config refuses a split of a train mixture at load
+        raise DataError(f"data.{which}_split={split!r} needs a hub dataset, but {cfg.train} is a local file with "
+                        f"a single split; set data.{which}" + (" or data.eval_fraction" if which == "eval" else "")
+                        + " instead")
+    return string_source(cfg, cfg.train, split)
 
 
 def prepare_data(cfg, tokenizer, *, trust_remote_code: bool = False) -> PreparedData:
-    """Train and eval examples for a :class:`rayft.config.DataConfig`.
-
-    Eval comes from ``cfg.eval`` (split ``cfg.eval_split`` or "train"), else from ``cfg.eval_split`` of the
-    train source (hub datasets only: a local file has one split), else a held-out ``cfg.eval_fraction`` of
-    train chosen with ``cfg.seed`` (at least one example, and at least one left to train on).
-    """
-    train, train_stats = build_examples(cfg.train, cfg, tokenizer, split=cfg.train_split,
-                                        trust_remote_code=trust_remote_code)
-    if cfg.eval is not None:
-        eval_source = f"{cfg.eval}[{cfg.eval_split or 'train'}]"
-        evaluation, eval_stats = build_examples(cfg.eval, cfg, tokenizer, split=cfg.eval_split or "train",
-                                                trust_remote_code=trust_remote_code)
-    elif cfg.eval_split is not None:
-        if Path(cfg.train).expanduser().is_file():
-            raise DataError(f"data.eval_split={cfg.eval_split!r} needs a hub dataset, but {cfg.train} is a local "
-                            "file with a single split; set data.eval or data.eval_fraction instead")
-        eval_source = f"{cfg.train}[{cfg.eval_split}]"
-        evaluation, eval_stats = build_examples(cfg.train, cfg, tokenizer, split=cfg.eval_split,
-                                                trust_remote_code=trust_remote_code)
+    """Train, eval and test examples for a :class:`rayft.config.DataConfig` (its docstring gives the rules:
+    mixture weights and sizes, where eval and test come from)."""
+    sources = train_sources(cfg)
+    eval_src, test_src = held_out_source(cfg, "eval"), held_out_source(cfg, "test")  # fail before tokenizing
+    weights = [s.weight for s in sources]
+    caps = read_caps(weights, cfg.max_examples)
+    built = [build_examples(s, cfg, tokenizer, max_examples=cap, trust_remote_code=trust_remote_code)
+             for s, cap in zip(sources, caps, strict=True)]
+    fraction = 0.0 if eval_src is not None else cfg.eval_fraction
+    train, held, per_source = _mix(sources, built, caps, fraction, cfg.seed)
+    names = ", ".join(_name(s) for s in sources)
+    if eval_src is not None:
+        evaluation, eval_stats = build_examples(eval_src, cfg, tokenizer, trust_remote_code=trust_remote_code)
+        eval_name = _name(eval_src)
     else:
-        eval_source = f"held-out {cfg.eval_fraction:g} of {cfg.train}"
-        train, evaluation = hold_out(train, cfg.eval_fraction, cfg.seed, cfg.train)
-        eval_stats = DataStats(format=train_stats.format)
-        train_stats.count_tokens(train)
-        eval_stats.count_tokens(evaluation)
-    stats = {"train": train_stats.as_dict(), "eval": eval_stats.as_dict(), "format": train_stats.format,
-             "eval_source": eval_source}
-    return PreparedData(train, evaluation, stats)
+        evaluation, eval_stats, eval_name = held, DataStats(), f"held-out {cfg.eval_fraction:g} of {names}"
+    test, test_stats = ([], DataStats()) if test_src is None else \
+        build_examples(test_src, cfg, tokenizer, trust_remote_code=trust_remote_code)
+    train_stats = _summed(per_source, train)
+    eval_stats.format = eval_stats.format or train_stats.format
+    eval_stats.count_tokens(evaluation)
+    stats = {"train": train_stats.as_dict(), "eval": eval_stats.as_dict(), "test": test_stats.as_dict(),
+             "sources": [s.as_dict() for s in per_source], "format": train_stats.format,
+             "eval_source": eval_name, "test_source": _name(test_src) if test_src else None}
+    return PreparedData(train, evaluation, stats, test)
+
+
+def _name(src: DataSource) -> str:
+    return f"{src.source}[{src.split}]"
+
+
+def _mix(sources: list[DataSource], built: list, caps: list, eval_fraction: float,
+         seed: int) -> tuple[list[Example], list[Example], list[SourceStats]]:
+    """Hold out eval from every source and draw the weighted train mixture (see :mod:`rayft.mixture`)."""
+    if eval_fraction > 0:
+        for src, (examples, _) in zip(sources, built, strict=True):
+            if len(examples) < 2:
+                raise DataError(f"{_name(src)}: {len(examples)} usable example(s), too few to hold out an eval "
+                                "set; set data.eval")
+    counts = mix_counts([len(ex) for ex, _ in built], [s.weight for s in sources], caps)
+    train, evaluation, per_source = [], [], []
+    for i, (src, (examples, stats), count, share) in enumerate(
+            zip(sources, built, counts, shares([s.weight for s in sources]), strict=True)):
+        d = draw(len(examples), count, eval_fraction, seed + i)
+        taken = [examples[j] for j in d.train]
+        train += taken
+        evaluation += [examples[j] for j in d.eval]
+        per_source.append(SourceStats(**vars(stats), source=src.source, split=src.split, weight=src.weight,
+                                      share=share, usable=len(examples), train_examples=len(taken),
+                                      eval_examples=len(d.eval)))
+        per_source[-1].count_tokens(taken)
+    return train, evaluation, per_source
+
+
+def _summed(per_source: list[SourceStats], train: list[Example]) -> DataStats:
+    """The train statistics of the whole mixture: counts summed over sources, tokens of the mixed set."""
+    total = DataStats()
+    for s in per_source:
+        for name in ("rows_read", "rows_skipped", "truncated", "dropped_too_long", "dropped_no_labels"):
+            setattr(total, name, getattr(total, name) + getattr(s, name))
+        total.skipped_examples += s.skipped_examples[: MAX_SKIPPED_EXAMPLES - len(total.skipped_examples)]
+    formats = {s.format for s in per_source}
+    total.format = formats.pop() if len(formats) == 1 else "mixed"
+    total.count_tokens(train)
+    return total
 
 
 def hold_out(examples: list[Example], fraction: float, seed: int,
@@ -580,13 +709,8 @@ def hold_out(examples: list[Example], fraction: float, seed: int,
     if len(examples) < 2:
         raise DataError(f"{source}: {len(examples)} usable example(s), too few to hold out an eval set; "
                         "set data.eval")
-    n_eval = min(max(1, round(fraction * len(examples))), len(examples) - 1)
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_eval])
-    train = [e for i, e in enumerate(examples) if i not in held]
-    evaluation = [e for i, e in enumerate(examples) if i in held]
-    return train, evaluation
+    d = draw(len(examples), len(examples), fraction, seed)
+    return [examples[i] for i in d.train], [examples[i] for i in d.eval]
 
 
 # --------------------------------------------------------------------------------------------- packing
@@ -642,13 +766,14 @@ def make_rows(examples: list[Example], max_seq_len: int, packing: bool) -> RowSe
     return RowSet(input_ids, labels, position_ids, np.concatenate([[0], np.cumsum(row_len)]).astype(np.int64))
 
 
-def collate(rows: RowSet | Sequence[Row], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(rows: RowSet | Sequence[Row], pad_id: int) -> dict:
     """Right-pad rows to the longest: ``{"input_ids", "labels", "position_ids"}`` LongTensors ``[B, T]``.
 
     Padding gets labels -100 and position ids 0..k-1, which makes it a segment of its own: no real token
     attends to it. No ``attention_mask`` is returned on purpose (it would disable the packed-sequence mask).
     A :class:`RowSet` and the list of its rows give the same tensors.
     """
+    import torch  # here, not at import: tokenization workers and the CLI never need it
     if isinstance(rows, RowSet):
         return _collate_rowset(rows, pad_id)
     width = max(len(r.input_ids) for r in rows)
@@ -665,7 +790,9 @@ def collate(rows: RowSet | Sequence[Row], pad_id: int) -> dict[str, torch.Tensor
             "position_ids": torch.from_numpy(position_ids)}
 
 
-def _collate_rowset(rows: RowSet, pad_id: int) -> dict[str, torch.Tensor]:
+def _collate_rowset(rows: RowSet, pad_id: int) -> dict:
+    import torch
+
     lengths = rows.lengths()
     width = int(lengths.max())
     input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)

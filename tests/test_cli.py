@@ -59,7 +59,8 @@ def test_readme_command_before_the_assets_exist_is_one_clear_line(tmp_path):
 
 def test_missing_local_model_directory_is_one_clear_line(assets, tmp_path):
     p = run_job("--config", "configs/sft_tiny.yaml", "--set", f"model.name_or_path={tmp_path / 'no-such-model'}",
-                "--set", f"data.train={assets['train']}", "--set", f"data.eval={assets['eval']}")
+                "--set", f"data.train={assets['train']}", "--set", f"data.eval={assets['eval']}",
+                "--set", f"run.storage_path={tmp_path / 'runs'}")
     _one_line_error(p, "no-such-model", "no such local directory")
 
 
@@ -71,7 +72,8 @@ def test_tokenizer_without_chat_template_is_one_clear_line(assets, tmp_path):
     tok_cfg.pop("chat_template", None)
     (model / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
     p = run_job("--config", "configs/sft_tiny.yaml", "--set", f"model.name_or_path={model}",
-                "--set", f"data.train={assets['train']}", "--set", f"data.eval={assets['eval']}")
+                "--set", f"data.train={assets['train']}", "--set", f"data.eval={assets['eval']}",
+                "--set", f"run.storage_path={tmp_path / 'runs'}")
     _one_line_error(p, "has no chat template", "data.chat_template")
 
 

@@ -22,6 +22,7 @@ from rayft.data import (
     build_examples,
     collate,
     detect_format,
+    hold_out,
     make_rows,
     pack_examples,
     prepare_data,
@@ -29,6 +30,7 @@ from rayft.data import (
     to_messages,
     tokenize_messages,
 )
+from rayft.mixture import draw, mix_counts, read_caps
 from rayft.tiny import arithmetic_rows, build_tiny_model, build_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -450,8 +452,230 @@ def test_hub_layout_dataset_with_the_shipped_gsm8k_data_section(tmp_path):
     shipped = yaml.safe_load((ROOT / "configs" / "sft_qwen05b_gsm8k.yaml").read_text())["data"]
     cfg = DataConfig(**{**shipped, "train": str(root), "max_seq_len": 512})
     data = prepare_data(cfg, build_tiny_tokenizer())
-    assert len(data.train) == 30 and len(data.eval) == 6
+    # Eval, which the sweep selects on, is a held-out slice of train; test (the final report) is the test split.
+    assert (len(data.train), len(data.eval), len(data.test)) == (28, 2, 6)
+    assert data.stats["eval_source"] == f"held-out 0.05 of {root}[train]"
+    assert data.stats["test_source"] == f"{root}[test]" and data.stats["test"]["format"] == "prompt_completion"
     assert data.stats["train"]["format"] == "prompt_completion"
     first = data.train[0]
     labelled = build_tiny_tokenizer().decode([t for t in first.labels if t != IGNORE_INDEX])
     assert labelled.endswith("<|im_end|>\n") and "#### " in labelled and "How many" not in labelled
+
+
+# --------------------------------------------------------------------------------------------- parallel tokenization
+
+ROW_KINDS = [  # every outcome a row can have; long rows exceed max_seq_len=64
+    qa(0),
+    {"messages": [{"role": "system", "content": "S"}, *MULTI_TURN[1:]]},
+    {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x" * 80}]},  # truncated
+    {"messages": [{"role": "user", "content": "q" * 80}, {"role": "assistant", "content": "a"}]},  # no labels left
+    '{"messages": [',  # not JSON
+    BAD_ROWS["no_assistant"][0],
+]
+
+
+@pytest.fixture
+def in_processes(monkeypatch):
+    """Send every source to worker processes from its first row, in small chunks (many tasks, all in flight
+    at once, results out of order), and record that the pool produced outcomes."""
+    import rayft.data
+
+    monkeypatch.setattr(rayft.data, "PROCESS_AFTER_S", 0.0)
+    monkeypatch.setattr(rayft.data, "CHUNK_ROWS", 3)
+    produced = []
+
+    def recording(*args, **kwargs):
+        for out in rayft.ordered_pool.ordered_map(*args, **kwargs):
+            produced.append(out)
+            yield out
+
+    import rayft.ordered_pool
+
+    monkeypatch.setattr(rayft.data, "ordered_map", recording)
+    return produced
+
+
+@pytest.mark.parametrize("options", [
+    {"on_bad_row": "skip"},
+    {"on_bad_row": "skip", "truncation": "drop"},
+    {"on_bad_row": "skip", "max_examples": 20},  # stops in the middle of a chunk, with tasks still queued
+    {"on_bad_row": "error"},  # the first bad row (file line 17) is not in the first chunks
+], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_worker_processes_give_the_in_process_result(tmp_path, tok, in_processes, options):
+    rng = random.Random(0)
+    good = [r for r in ROW_KINDS if isinstance(r, dict) and "no assistant" not in json.dumps(r)]
+    rows = [qa(i) if i % 5 else rng.choice(good) for i in range(16)] + [rng.choice(ROW_KINDS) for _ in range(44)]
+    rows[16] = ROW_KINDS[4]  # the first bad row
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = DataConfig(train=str(path), max_seq_len=64, **options)
+
+    def build(num_proc):
+        try:
+            examples, stats = build_examples(str(path), cfg.model_copy(update={"num_proc": num_proc}), tok)
+            return examples, stats.as_dict()
+        except DataError as e:
+            return str(e)
+
+    serial = build(1)
+    assert not in_processes  # one process: the pool never ran
+    parallel = build(2)
+    assert parallel == serial
+    if options["on_bad_row"] == "error":
+        assert serial == f"{path}:17: not valid JSON (Expecting value at column 15)"
+        return
+    examples, stats = serial
+    assert len(in_processes) == stats["rows_read"] - 1  # the first row fixes the format in-process
+    # Labels from workers share one -100 object, as in-process ones do (one int object per token would take
+    # 36 bytes instead of 8 on the driver).
+    assert len({id(lab) for e in parallel[0] for lab in e.labels if lab == IGNORE_INDEX}) == 1
+    assert stats["rows_skipped"] > 0 and stats["truncated"] + stats["dropped_too_long"] > 0
+    assert stats["dropped_no_labels"] + stats["dropped_too_long"] > 0
+    if "max_examples" in options:
+        assert len(examples) == 20 and stats["rows_read"] < len(rows)
+
+
+# --------------------------------------------------------------------------------------------- mixtures, test set
+
+
+def pc(i: int) -> dict:
+    """A prompt/completion row under other column names (renamed by the source's own data.columns)."""
+    return {"q": f"other {i}?", "a": f"reply {i}"}
+
+
+def mixture(tmp_path, n_a: int, n_b: int, w_a: float, w_b: float, **options) -> DataConfig:
+    a = write_jsonl(tmp_path / "a.jsonl", [qa(i) for i in range(n_a)])
+    b = write_jsonl(tmp_path / "b.jsonl", [pc(i) for i in range(n_b)])
+    return DataConfig(train=[{"source": str(a), "weight": w_a},
+                             {"source": str(b), "weight": w_b, "columns": {"prompt": "q", "completion": "a"}}],
+                      **options)
+
+
+def texts(tok, examples) -> list[str]:
+    return [labelled_text(tok, e).removesuffix("<|im_end|>\n") for e in examples]
+
+
+def test_mixture_up_samples_the_smaller_share_and_holds_out_before(tmp_path, tok):
+    cfg = mixture(tmp_path, 20, 6, 3, 1, eval_fraction=0.1, seed=3)
+    data = prepare_data(cfg, tok)
+    a, b = data.stats["sources"]
+    # a (largest weight) is used whole: 2 of 20 held out, 18 train. b's share of a's 20 is round(20/3) = 7
+    # examples: 1 of its 6 distinct ones held out, the other 5 drawn 6 times (whole, plus 1 random repeat).
+    assert (a["usable"], a["train_examples"], a["eval_examples"]) == (20, 18, 2)
+    assert (b["usable"], b["train_examples"], b["eval_examples"]) == (6, 6, 1)
+    assert (a["share"], b["share"], a["format"], b["format"]) == (0.75, 0.25, "messages", "prompt_completion")
+    train, held = texts(tok, data.train), texts(tok, data.eval)
+    assert len(train) == 24 and len(held) == 3 and set(train).isdisjoint(held)  # repeats never leak into eval
+    from_b = [t for t in train if t.startswith("reply")]
+    assert len(from_b) == 6 and len(set(from_b)) == 5
+    assert train[:18] == [t for t in (f"answer {i}" for i in range(20)) if t not in held]  # sources in order
+    assert data.stats["format"] == "mixed" and data.stats["train"]["rows_read"] == 26
+    assert data.stats["train"]["tokens"] == sum(len(e.input_ids) for e in data.train)
+    assert a["tokens"] + b["tokens"] == data.stats["train"]["tokens"]
+    again, other = prepare_data(cfg, tok), prepare_data(cfg.model_copy(update={"seed": 4}), tok)
+    assert texts(tok, again.train) == train and texts(tok, other.train) != train
+
+
+def test_mixture_down_samples_and_max_examples_reads_only_shares(tmp_path, tok):
+    data = prepare_data(mixture(tmp_path, 20, 6, 1, 3, eval_fraction=0.0), tok)
+    train = texts(tok, data.train)
+    # b (weight 3, 6 examples) is used whole; a gets a third of that: 2 of its 20, drawn at random.
+    assert len(train) == 8 and train[2:] == [f"reply {i}" for i in range(6)]
+    assert len(set(train[:2])) == 2 and train[:2] != ["answer 0", "answer 1"]
+    capped = prepare_data(mixture(tmp_path, 20, 20, 3, 1, max_examples=8, eval_fraction=0.0), tok)
+    a, b = capped.stats["sources"]
+    assert (a["rows_read"], b["rows_read"]) == (6, 2)  # each source stops at its share of max_examples
+    assert texts(tok, capped.train) == [f"answer {i}" for i in range(6)] + ["reply 0", "reply 1"]
+
+
+def test_mixture_source_errors_name_their_file_and_row(tmp_path, tok):
+    cfg = mixture(tmp_path, 4, 4, 1, 1)
+    b = Path(cfg.train[1].source)
+    write_jsonl(b, [pc(0), pc(1), {"q": "no answer"}, pc(3)])
+    with pytest.raises(DataError, match=r"b\.jsonl:3: column 'a' \(mapped to 'completion'"):
+        prepare_data(cfg, tok)
+    skipping = prepare_data(cfg.model_copy(update={"on_bad_row": "skip"}), tok)
+    assert [s["rows_skipped"] for s in skipping.stats["sources"]] == [0, 1]
+    assert skipping.stats["train"]["skipped_examples"] == [f"{b}:3: column 'a' (mapped to 'completion' by "
+                                                           "data.columns) is missing; row has ['q']"]
+    write_jsonl(b, [pc(0)])
+    with pytest.raises(DataError, match=r"b\.jsonl\[train\]: 1 usable example\(s\), too few to hold out"):
+        prepare_data(cfg, tok)
+
+
+def test_test_set_is_built_like_eval(tmp_path, tok):
+    train = write_jsonl(tmp_path / "train.jsonl", [qa(i) for i in range(10)])
+    test = write_jsonl(tmp_path / "test.jsonl", [qa(100 + i) for i in range(3)] + ['{"bad'])
+    data = prepare_data(DataConfig(train=str(train), test=str(test), on_bad_row="skip", eval_fraction=0.2), tok)
+    assert texts(tok, data.test) == ["answer 100", "answer 101", "answer 102"]
+    assert (len(data.train), len(data.eval)) == (8, 2)  # test takes nothing from train
+    assert data.stats["test"]["rows_skipped"] == 1 and data.stats["test_source"] == f"{test}[train]"
+    assert data.stats["test"]["tokens"] == sum(len(e.input_ids) for e in data.test)
+    none = prepare_data(DataConfig(train=str(train)), tok)
+    assert none.test == [] and none.stats["test_source"] is None
+    with pytest.raises(DataError, match="data.test_split='test' needs a hub dataset.*set data.test instead"):
+        prepare_data(DataConfig(train=str(train), test_split="test"), tok)
+
+
+def test_single_source_split_is_the_old_hold_out(tmp_path, tok):
+    """A string data.train is a mixture of one that keeps the split and order hold_out always gave."""
+    examples = [tokenize_messages(tok, to_messages(qa(i), "messages")) for i in range(40)]
+    path = write_jsonl(tmp_path / "train.jsonl", [qa(i) for i in range(40)])
+    data = prepare_data(DataConfig(train=str(path), eval_fraction=0.25, seed=7), tok)
+    order = list(range(40))
+    random.Random(7).shuffle(order)  # the pre-mixture rule: the first 10 of a seeded shuffle are held out
+    assert data.eval == [examples[i] for i in sorted(order[:10])]
+    assert data.train == [examples[i] for i in sorted(order[10:])]
+    assert hold_out(examples, 0.25, 7) == (data.train, data.eval)
+
+
+def test_mix_counts_and_draws():
+    assert mix_counts([100, 1000, 10], [3, 1, 1]) == [100, 33, 33]
+    assert mix_counts([10, 10], [1, 1]) == [10, 10]  # equal weights: the first source is the anchor
+    assert read_caps([3, 1], 8) == [6, 2] and read_caps([1, 1], None) == [None, None]
+    d = draw(4, 10, 0.0, seed=0)
+    assert len(d.train) == 10 and [d.train.count(i) for i in range(4)] in ([3, 3, 2, 2], [2, 2, 3, 3],
+                                                                            [3, 2, 3, 2], [2, 3, 2, 3],
+                                                                            [3, 2, 2, 3], [2, 3, 3, 2])
+    down = draw(10, 3, 0.0, seed=0)
+    assert len(set(down.train)) == 3 and down.train == sorted(down.train)
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+def sft_data(data: dict):
+    from rayft.config import SFTConfig, load_config
+
+    return load_config(SFTConfig, data={"model": {"name_or_path": "m"}, "data": data})
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"train": []}, "data.train: an empty list names no data"),
+    ({"train": [{"source": "a.jsonl"}, {"source": "b.jsonl", "weigth": 2}]}, "data.train: entry 1.weigth: unknown key"),
+    ({"train": [{"source": "a.jsonl", "weight": 0}]}, "data.train: entry 0.weight: Input should be greater than 0"),
+    ({"train": [{"weight": 1}]}, "data.train: entry 0.source: Field required"),
+    ({"train": 5}, "data.train: expected a source (hub id or file) or a list of {source, weight} entries, got int"),
+    ({"train": [{"source": "a.jsonl"}], "eval_split": "test"}, "data: eval_split without data.eval names a split"),
+    ({"train": [{"source": "a.jsonl"}], "test_split": "test"}, "data: test_split without data.test"),
+    ({"train": [{"source": "a.jsonl"}], "train_split": "x"}, "data: train_split applies to a single data.train"),
+    ({"train": [{"source": "a.jsonl"}], "format": "alpaca"}, "data: format applies to sources written as strings"),
+    ({"train": "a.jsonl", "num_proc": 0}, "data.num_proc: Input should be greater than or equal to 1"),
+])
+def test_mixture_config_errors_name_the_field(data, message):
+    from rayft.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        sft_data(data)
+    assert message in str(e.value)
+
+
+def test_mixture_config_round_trips_and_resolves_paths(tmp_path):
+    from rayft.config import SFTConfig, dump_config, load_config
+
+    (tmp_path / "a.jsonl").write_text("")
+    cfg = sft_data({"train": [{"source": "a.jsonl", "weight": 3}, {"source": "org/hub", "split": "sft"}],
+                    "eval": "a.jsonl", "columns": {"prompt": "q"}})
+    assert load_config(SFTConfig, data=dump_config(cfg)) == cfg  # a saved config (every field set) loads again
+    fixed = cfg.data.with_paths(lambda p: str(tmp_path / p) if (tmp_path / p).exists() else p)
+    assert [s.source for s in fixed.train] == [str(tmp_path / "a.jsonl"), "org/hub"]
+    assert fixed.eval == str(tmp_path / "a.jsonl") and fixed.train[0].weight == 3 and fixed.test is None
