@@ -151,10 +151,14 @@ def render(result: dict) -> str:
     for v in result["variants"]:
         s = v["summary"]
         data_mib = s["driver_peak_mib"] - s["driver_peak_before_data_mib"]
+        cpu = [r["cpu_s"] + r["children_cpu_s"] for r in v["runs"]]
+        cpu_ms = statistics.median(c / r["examples"] * 1e3 for c, r in zip(cpu, v["runs"], strict=True))
+        cores = statistics.median(c / r["seconds"] for c, r in zip(cpu, v["runs"], strict=True))
         rows.append(f"| {v['name']} | {v['description']} | **{s['examples_per_s']:,.0f}** | "
                     f"{s['examples_per_s_min']:,.0f}-{s['examples_per_s_max']:,.0f} | "
                     f"{s['examples_per_s'] / base_rate:.2f} | {s['seconds']:.1f} | **{s['driver_peak_mib']:,.0f}** "
-                    f"({data_mib:+,.0f}) | {s['worker_peak_mib']:,.0f} | {s['cpu_s']:.0f} + {s['children_cpu_s']:.0f} |")
+                    f"({data_mib:+,.0f}) | {s['worker_peak_mib']:,.0f} | {s['cpu_s']:.0f} + {s['children_cpu_s']:.0f} "
+                    f"| {cpu_ms:.2f} | {cores:.2f} |")
     digests = {d for v in result["variants"] for d in v["summary"]["digests"]}
     loads = [r["load_1min_before"] for v in result["variants"] for r in v["runs"]]
     m = result["machine"]
@@ -173,15 +177,17 @@ def render(result: dict) -> str:
         f"{result['repeats']} interleaved repeats per variant, medians reported.",
         "",
         "| variant | code | examples/s | min-max | vs before | seconds | driver peak RSS MiB (data's share) "
-        "| worker peak RSS MiB | CPU s (driver + workers) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| worker peak RSS MiB | CPU s (driver + workers) | CPU ms / example | cores used |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
         "examples/s: kept examples (train + eval) / seconds of the `prepare_data` call (read, validate, tokenize, "
         "hold out). driver peak RSS: `ru_maxrss` of the process that called `prepare_data`; in parentheses its "
         "growth over the peak before the call (imports and tokenizer), i.e. what data preparation cost. "
         "worker peak RSS: `ru_maxrss` of the largest child process (tokenization workers). "
-        "CPU s: user + system time of the driver and of its children.",
+        "CPU s: user + system time of the driver and of its children (imports and tokenizer loading included). "
+        "CPU ms / example: all of it per kept example, the work regardless of how many cores the machine gave; "
+        "cores used: CPU s / seconds, how many cores the run got on average.",
         "",
         "Same data: " + ("every run of every variant produced the same examples and stats (digest "
                          f"{next(iter(digests))})." if len(digests) == 1 else

@@ -497,8 +497,7 @@ def in_processes(monkeypatch):
 
 @pytest.mark.parametrize("options", [
     {"on_bad_row": "skip"},
-    {"on_bad_row": "skip", "truncation": "drop"},
-    {"on_bad_row": "skip", "max_examples": 20},  # stops in the middle of a chunk, with tasks still queued
+    {"on_bad_row": "skip", "truncation": "drop", "max_examples": 20},  # stops mid-chunk, tasks still queued
     {"on_bad_row": "error"},  # the first bad row (file line 17) is not in the first chunks
 ], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_worker_processes_give_the_in_process_result(tmp_path, tok, in_processes, options):
