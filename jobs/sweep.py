@@ -22,7 +22,7 @@ instances, set ``RAY_API_SERVER_ADDRESS=http://<dashboard host:port>`` for the j
 keys under ``job.`` edit the swept job's config (``job.train.max_steps=100``).
 
 Re-running with the same ``run.name`` (and ``run.storage_path``) resumes an interrupted sweep: finished trials
-are kept, unfinished ones continue from their last checkpoint,.
+are kept, unfinished ones continue from their last checkpoint, and ASHA's decisions so far are restored.
 Outputs in ``<storage_path>/<name>/``: ``results.csv`` (one column per swept field, by dotted path; the
 losses; ``test_loss`` of finished trials when the job has a test set, reported but never selected on),
 ``sweep_plot.png`` (the metric against a swept field), ``summary.json``, one Tune directory per trial

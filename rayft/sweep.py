@@ -15,7 +15,7 @@ Decisions worth knowing:
   The full curves of every trial stay in its own ``metrics.jsonl``.
 * ASHA counts optimizer steps (``time_attr="step"``). Its rungs sit strictly below the trial length and it
   never stops a trial at the end (``stop_last_trials=False``): a decision there would only kill the artifact
-  export of a trial whose training is already paid for.
+  export of a trial whose training is already paid for. Its rungs survive a resumed sweep (:mod:`rayft.asha`).
 * Tokenization happens once per sweep, on the driver, and every trial reads the same object-store rows, unless
   the space searches a field that changes tokenization (``data.*``, the model or its revision).
 * A trial trains in ``<storage>/<sweep>/trials/<sweep>-<trial dir>`` (a normal run directory: config,
@@ -267,7 +267,9 @@ def _absolute(path: str) -> str:
 
 
 def _scheduler(sweep: SweepConfig, base: TrainingJobConfig, max_t: int | None):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
+
+    from rayft.asha import ResumableASHA
 
     if sweep.scheduler.type == "fifo":
         return FIFOScheduler()
@@ -277,7 +279,7 @@ def _scheduler(sweep: SweepConfig, base: TrainingJobConfig, max_t: int | None):
                           "else ASHA never stops a trial")
     # ASHA puts a rung at max_t when max_t/grace is a power of the reduction factor; max_t - 1 keeps every
     # rung strictly before the end (see the module docstring).
-    return ASHAScheduler(time_attr="step", max_t=max_t - 1, grace_period=grace,
+    return ResumableASHA(time_attr="step", max_t=max_t - 1, grace_period=grace,
                          reduction_factor=sweep.scheduler.reduction_factor, stop_last_trials=False)
 
 

@@ -1,5 +1,6 @@
 """Local-Ray sweeps over the tiny SFT job: ASHA stops trials early and frees their workers, the best adapter
-reaches the registry and loads with plain PEFT, an interrupted sweep resumes without re-running finished trials."""
+reaches the registry and loads with plain PEFT, an interrupted sweep resumes without re-running finished trials
+and its ASHA still stops a bad trial that reaches its first rung only after the resume."""
 
 from __future__ import annotations
 
@@ -251,3 +252,38 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(assets, ray
         steps = [r["step"] for r in read_metrics(Path(rd))]
         assert len(steps) == len(set(steps)), (rd, steps)
     assert result.adapter_dir is not None and (result.adapter_dir / "adapter_model.safetensors").exists()
+
+
+def test_resumed_sweep_still_stops_a_bad_trial_at_its_first_rung(assets, ray_local, tmp_path):
+    """Defect 5: Tune restores no scheduler state, so a resumed sweep's ASHA had empty rungs. Two trials run
+    one after the other: a good one (lr 3e-3) finishes, its eval at the only rung (step 10) recorded; the
+    driver is killed before the bad one (lr 1e-6) reaches that rung. After the resume ASHA stops the bad trial
+    at step 10, against the good trial's record (with empty rungs it would train to the end)."""
+    from rayft.sweep import run_sweep
+    from rayft.sweep_config import SearchConfig, grid_order, load_sweep
+
+    space = {LR: {"grid": [3e-3, 1e-6]}}
+    seed = next(s for s in range(100)
+                if grid_order(SearchConfig(algorithm="grid", space=space, seed=s))[0][LR] == 3e-3)
+    name = "asha-resume"
+    overrides = [*sweep_overrides(assets, tmp_path, name), f"search.space={json.dumps(space)}",
+                 f"search.seed={seed}", "resources.max_concurrent_trials=1", "job.train.max_steps=20"]
+    sweep_dir = tmp_path / "runs" / name
+    # Tune saves the experiment state every second (default: every 10 s or more), so the driver dies well
+    # before the bad trial, started when the good one finished, can report at step 10.
+    kill_driver_when(ray_local, tmp_path, overrides, lambda done: len(done) == 1, "the good trial finished",
+                     env={"TUNE_GLOBAL_CHECKPOINT_S": "1"})
+    (good,) = [t for t, s in _trial_states(sweep_dir).items() if s == "TERMINATED"]
+    reported = {p.parent.name: read_jsonl(p) for p in sweep_dir.glob("*/result.json")}
+    assert {r["step"] for r in reported.pop(good)} == {10, 20}
+    assert not any(reported.values()), reported  # the bad trial's rung comes after the resume
+
+    sweep, base = load_sweep(ROOT / "configs" / "sweep_tiny.yaml", overrides)
+    result = run_sweep(sweep, base)
+
+    t = result.table.set_index("trial_id")
+    assert len(t) == 2 and t.loc[good, LR] == 3e-3 and t.loc[good, "status"] == "finished"
+    bad = t[t[LR] == 1e-6].iloc[0]
+    assert bad.status == "stopped" and bad.steps_run < 20, result.table.to_string()
+    assert [r["step"] for r in read_jsonl(result.sweep_dir / bad.name / "result.json")] == [10]
+    assert bad.eval_loss > t.loc[good, "eval_loss"] and result.best["trial_id"] == good

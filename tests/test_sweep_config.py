@@ -1,5 +1,5 @@
-"""Sweep config validation, search-space expansion, concurrency planning, the results table and plot: no Ray
-cluster needed."""
+"""Sweep config validation, search-space expansion, concurrency planning, the results table and plot, and
+ASHA's restored rungs: no Ray cluster needed."""
 
 from __future__ import annotations
 
@@ -297,3 +297,56 @@ def test_plot_takes_its_axes_from_the_swept_fields(tmp_path, space, rows, axes):
     assert plot_axes(space, table) == axes
     out = plot_sweep(table, space, "eval_loss", tmp_path / "plot.png", "t")
     assert out == tmp_path / "plot.png" and out.stat().st_size > 10_000
+
+
+# ----------------------------------------------------------------------------------------- ASHA after resume
+
+
+def _restored_trial(exp: Path, trial_id: str, results: list[dict], status: str):
+    """A Tune trial as ``Tuner.restore`` re-adds it: its directory in the experiment's storage holding the
+    results it reported (result.json), its last result and status from the saved experiment state."""
+    import json
+
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment import Trial
+
+    trial = Trial("__fake", config={}, trial_id=trial_id, stub=True,
+                  storage=StorageContext(storage_path=str(exp.parent), experiment_dir_name=exp.name))
+    trial.storage.trial_dir_name = trial_id
+    if results:
+        (exp / trial_id).mkdir(parents=True)
+        (exp / trial_id / "result.json").write_text("".join(json.dumps(r) + "\n" for r in results))
+        trial.run_metadata.last_result = results[-1]
+    trial.set_status(status)
+    return trial
+
+
+@pytest.mark.parametrize("resumable", [True, False])
+def test_asha_rungs_are_rebuilt_from_what_trials_reported_before_a_resume(tmp_path, resumable):
+    """Defect 5, the scheduler alone: after a restore, a bad trial reaching the first rung is judged against
+    the trials that passed it before the interruption (plain ASHA: against nobody), and a trial the original run
+    had stopped, but whose stop the saved state missed, is stopped at its next report."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from rayft.asha import ResumableASHA
+
+    cls = ResumableASHA if resumable else ASHAScheduler
+    asha = cls(time_attr="step", metric="eval_loss", mode="min", max_t=39, grace_period=10,
+               reduction_factor=2, stop_last_trials=False)
+    good = [{"step": 10, "eval_loss": 1.0, "time": 1.0}, {"step": 20, "eval_loss": 0.8, "time": 2.0},
+            {"step": 40, "eval_loss": 0.7, "time": 3.0}]
+    late = [{"step": 10, "eval_loss": 1.2, "time": 4.0}]  # judged then against good's 1.0: stopped
+    trials = {"good": _restored_trial(tmp_path, "good", good, Trial.TERMINATED),
+              "late": _restored_trial(tmp_path, "late", late, Trial.RUNNING),
+              "bad": _restored_trial(tmp_path, "bad", [], Trial.PENDING)}
+    for trial in trials.values():
+        asha.on_trial_add(None, trial)
+
+    bad = asha.on_trial_result(None, trials["bad"], {"step": 10, "eval_loss": 2.0})
+    late_next = asha.on_trial_result(None, trials["late"], {"step": 15, "eval_loss": 1.1})
+    expected = TrialScheduler.STOP if resumable else TrialScheduler.CONTINUE
+    assert (bad, late_next) == (expected, expected)
+    if resumable:  # the rungs hold what was recorded: good at 10 and 20, late and bad at 10
+        rungs = {milestone: recorded for milestone, recorded in asha._brackets[0]._rungs}
+        assert rungs == {10: {"good": -1.0, "late": -1.2, "bad": -2.0}, 20: {"good": -0.8}}
