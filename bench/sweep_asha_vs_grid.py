@@ -51,7 +51,7 @@ REPLAY_ORDERS = 500
 
 def sweep_data(p: dict, assets: dict, work: Path, name: str, scheduler: str) -> dict:
     return {
-        "sft": {"config": str(REPO / "configs" / "sft_tiny.yaml"), "overrides": [
+        "job": {"kind": "sft", "config": str(REPO / "configs" / "sft_tiny.yaml"), "overrides": [
             f"model.name_or_path={assets['model']}", f"data.train={assets['train']}",
             f"data.eval={assets['eval']}", "train.cpus_per_worker=0.45", f"train.max_steps={p['max_steps']}",
             f"train.eval_steps={p['eval_steps']}", f"train.logging_steps={p['logging_steps']}", f"train.save_steps={p['max_steps']}",
@@ -65,21 +65,23 @@ def sweep_data(p: dict, assets: dict, work: Path, name: str, scheduler: str) -> 
 
 
 def run_one(p: dict, assets: dict, work: Path, scheduler: str) -> dict:
-    from rayft.sft import read_metrics
-    from rayft.sweep import load_sweep, run_sweep
+    from rayft.runs import read_metrics
+    from rayft.sweep import run_sweep
+    from rayft.sweep_config import load_sweep
 
     sweep, base = load_sweep(data=sweep_data(p, assets, work, f"bench-{scheduler}", scheduler))
     t0 = time.perf_counter()
     result = run_sweep(sweep, base)
     wall = time.perf_counter() - t0
-    t = result.table
+    short = {"finetune.lora.r": "lora_rank", "train.lr": "lr"}  # the table names columns by swept path
+    t = result.table.rename(columns=short)
     decided, reports = [], {}
     for trial_id in t.trial_id:
         lines = [json.loads(ln) for ln in (result.sweep_dir / trial_id / "result.json").read_text().splitlines()]
         decided.append(lines[-1]["step"] if lines else 0)
         reports[trial_id] = [(r["time_total_s"], r["step"]) for r in lines]
     t = t.assign(step_at_last_report=decided)
-    best = result.best
+    best = {short.get(k, k): v for k, v in result.best.items()} if result.best else None
     curves = {}
     for r in t.itertuples():
         recs = read_metrics(Path(r.run_dir))
@@ -279,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from rayft.sweep import init_ray, load_sweep, plan_concurrency
+    from rayft.cluster import init_ray
+    from rayft.sweep import plan_concurrency
+    from rayft.sweep_config import load_sweep
     from rayft.tiny import build_assets
 
     p = QUICK if args.quick else FULL
