@@ -51,17 +51,25 @@ class SFTData:
     world: int
     micro_batch_size: int
     pad_id: int
+    test: Any = None  # EvalShards of the final-report set, or None
+    n_test: int = 0
 
     def train_batches(self, step: int, rank: int) -> list[MicroBatch]:
         return [rows_batch(rows, self.pad_id) for rows in self.train.micro_batches(step, rank)]
 
     def eval_batches(self, rank: int) -> list[MicroBatch]:
-        shard, mbs = self.eval.shard(rank), self.micro_batch_size
-        n_batches = math.ceil(math.ceil(self.n_eval / self.world) / mbs)
+        return self._held_out(self.eval, self.n_eval, rank)
+
+    def test_batches(self, rank: int) -> list[MicroBatch]:
+        return self._held_out(self.test, self.n_test, rank)
+
+    def _held_out(self, shards, n_rows: int, rank: int) -> list[MicroBatch]:
+        shard, mbs = shards.shard(rank), self.micro_batch_size
+        n_batches = math.ceil(math.ceil(n_rows / self.world) / mbs)
         out = []
         for b in range(n_batches):
             part = shard[b * mbs:(b + 1) * mbs]
-            mb = rows_batch(part if len(part) else shard[:1] if len(shard) else self.eval.shard(0)[:1], self.pad_id)
+            mb = rows_batch(part if len(part) else shard[:1] if len(shard) else shards.shard(0)[:1], self.pad_id)
             if not len(part):
                 mb.tensors["labels"].fill_(IGNORE_INDEX)
             out.append(mb)

@@ -80,8 +80,8 @@ def tokenize(cfg: SFTConfig) -> tuple[dict, dict]:
     check_model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
     data = prepare_data(cfg.data, tokenizer, trust_remote_code=cfg.model.trust_remote_code)
-    rows = {"train": make_rows(data.train, cfg.data.max_seq_len, cfg.data.packing),
-            "eval": make_rows(data.eval, cfg.data.max_seq_len, cfg.data.packing)}
+    rows = {split: make_rows(getattr(data, split), cfg.data.max_seq_len, cfg.data.packing)
+            for split in ("train", "eval", "test")}
     make_plan(cfg, rows["train"].lengths())
     stats = {**data.stats, "pad_token_id": tokenizer.pad_token_id}
     tr = data.stats["train"]
@@ -148,13 +148,15 @@ def build_trainer(cfg: SFTConfig, prepared: Prepared, *, callbacks: list | None 
     rows = ray.get(prepared.rows_ref)  # flat numpy arrays: zero-copy views of the object store
     data = SFTData(train=PlanShards.put(rows["train"], plan, total_steps),
                    eval=EvalShards.put(rows["eval"], t.num_workers), n_eval=prepared.n_eval_rows,
+                   test=EvalShards.put(rows["test"], t.num_workers) if len(rows["test"]) else None,
+                   n_test=len(rows["test"]),
                    world=t.num_workers, micro_batch_size=t.micro_batch_size, pad_id=prepared.pad_token_id)
     loop = LoopConfig(config=dump_config(cfg), config_cls=type(cfg), objective=SFTObjective(data),
                       total_steps=total_steps, run_dir=str(run_dir), init_adapter=resolve_init_adapter(cfg),
                       pad_token_id=prepared.pad_token_id, progress=progress, epoch_of=plan.epoch_of)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop,
+        train_loop_config={"loop": loop},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RunConfig(
@@ -195,7 +197,7 @@ def register_result(cfg: SFTConfig, result, *, name: str | None = None, source: 
             lora_rank=lora.r if is_lora else None,
             lora_alpha=lora.alpha if is_lora else None,
             target_modules=lora.target_modules if is_lora else None,
-            dataset={"train": cfg.data.train, "eval": cfg.data.eval, "format": cfg.data.format, "stats": stats},
+            dataset={**cfg.data.model_dump(mode="json", include={"train", "eval", "test", "format"}), "stats": stats},
             config=dump_config(cfg),
             metrics=metrics,
             source={"job": "sft", "run_name": cfg.run.name, "run_dir": str(run_dir), **(source or {})},

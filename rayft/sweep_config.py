@@ -48,7 +48,7 @@ class SweepError(RuntimeError):
 def _sft_total_steps(cfg: SFTConfig, rows: dict) -> int:
     from rayft.sft import make_plan
 
-    return make_plan(cfg, [len(r.input_ids) for r in rows["train"]])[1]
+    return make_plan(cfg, rows["train"].lengths())[1]
 
 
 @dataclass(frozen=True)

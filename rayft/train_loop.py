@@ -81,11 +81,13 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def train_loop_per_worker(lc: LoopConfig) -> None:
-    """Ray Train entry point for every training job."""
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train entry point for every training job. ``loop_config`` is ``{"loop": LoopConfig}``: Ray Train
+    wants a dict (its state tracking validates it as one)."""
     import deepspeed
     import ray.train
 
+    lc: LoopConfig = loop_config["loop"]
     quiet_libraries()
     cfg = lc.config_cls.model_validate(lc.config)  # workers rebuild the config from its dump
     ctx = ray.train.get_context()

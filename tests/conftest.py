@@ -76,13 +76,14 @@ def tiny_sft(assets, ray_local, tmp_path_factory) -> SFTJob:
     import sys
 
     tmp = tmp_path_factory.mktemp("tiny_sft")
-    overrides = [*tiny_overrides(assets, tmp, "tiny-sft")[:-1], "train.save_steps=20", "train.max_steps=60"]
+    extra = ["train.save_steps=20", "train.max_steps=60", f"data.test={assets['eval']}"]
+    overrides = [*tiny_overrides(assets, tmp, "tiny-sft")[:-1], *extra]
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
     p = subprocess.run([sys.executable, str(ROOT / "jobs" / "sft.py"), "--config", "configs/sft_tiny.yaml",
                         *[a for o in overrides for a in ("--set", o)]], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    cfg = tiny_sft_config(assets, tmp, "tiny-sft", ["train.save_steps=20", "train.max_steps=60", "run.progress=true"])
+    cfg = tiny_sft_config(assets, tmp, "tiny-sft", [*extra, "run.progress=true"])
     run_dir = tmp / "runs" / "tiny-sft"
     summary = json.loads((run_dir / "summary.json").read_text())
     return SFTJob(cfg, run_dir, Path(summary["adapter"]), summary["metrics"], p.stdout + p.stderr)

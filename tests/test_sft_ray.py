@@ -111,6 +111,9 @@ def test_tiny_sft_manifest(tiny_sft):
     assert m.base_model_source == "local"
     assert m.metrics["step"] == 60 and m.metrics["eval_loss"] == pytest.approx(eval_losses(tiny_sft.run_dir)[60])
     assert m.metrics["loss"] == pytest.approx(train_losses(tiny_sft.run_dir)[60])
+    # the test set (here the eval file again) is scored once, at the end: the same value as the last eval
+    assert m.metrics["test_loss"] == pytest.approx(m.metrics["eval_loss"], rel=1e-6)
+    assert not any("test_loss" in r for r in read_metrics(tiny_sft.run_dir))
     assert m.config["deepspeed"]["stage"] == 2 and m.version == path.name
     assert m.training_hash == artifacts.training_hash(m.config)
     stats = m.dataset["stats"]  # the data statistics reach the manifest
