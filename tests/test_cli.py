@@ -57,10 +57,15 @@ def test_readme_command_before_the_assets_exist_is_one_clear_line(tmp_path):
     _one_line_error(p, "model.name_or_path=assets/tiny-model", "make assets")
 
 
+def run_tiny(assets, tmp_path, model=None, train=None, *sets: str) -> subprocess.CompletedProcess:
+    """The tiny SFT job on the session's assets (or the given model / train file), runs under tmp_path."""
+    pairs = [f"model.name_or_path={model or assets['model']}", f"data.train={train or assets['train']}",
+             f"data.eval={assets['eval']}", f"run.storage_path={tmp_path / 'runs'}", *sets]
+    return run_job("--config", "configs/sft_tiny.yaml", *[a for s in pairs for a in ("--set", s)])
+
+
 def test_missing_local_model_directory_is_one_clear_line(assets, tmp_path):
-    p = run_job("--config", "configs/sft_tiny.yaml", "--set", f"model.name_or_path={tmp_path / 'no-such-model'}",
-                "--set", f"data.train={assets['train']}", "--set", f"data.eval={assets['eval']}",
-                "--set", f"run.storage_path={tmp_path / 'runs'}")
+    p = run_tiny(assets, tmp_path, tmp_path / "no-such-model")
     _one_line_error(p, "no-such-model", "no such local directory")
 
 
@@ -71,18 +76,14 @@ def test_tokenizer_without_chat_template_is_one_clear_line(assets, tmp_path):
     tok_cfg = json.loads((model / "tokenizer_config.json").read_text())
     tok_cfg.pop("chat_template", None)
     (model / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
-    p = run_job("--config", "configs/sft_tiny.yaml", "--set", f"model.name_or_path={model}",
-                "--set", f"data.train={assets['train']}", "--set", f"data.eval={assets['eval']}",
-                "--set", f"run.storage_path={tmp_path / 'runs'}")
+    p = run_tiny(assets, tmp_path, model)
     _one_line_error(p, "has no chat template", "data.chat_template")
 
 
 def test_too_few_rows_for_one_step_fails_on_the_driver(assets, tmp_path):
     small = tmp_path / "small.jsonl"
     small.write_text("".join(Path(assets["train"]).read_text().splitlines(keepends=True)[:3]))
-    p = run_job("--config", "configs/sft_tiny.yaml", "--set", f"model.name_or_path={assets['model']}",
-                "--set", f"data.train={small}", "--set", f"data.eval={assets['eval']}", "--set", "data.packing=false",
-                "--set", f"run.storage_path={tmp_path / 'runs'}")
+    p = run_tiny(assets, tmp_path, None, small, "data.packing=false")
     _one_line_error(p, "not enough training rows (3)", "micro_batch_size")
 
 
