@@ -17,6 +17,8 @@ import pandas as pd
 import pytest
 import torch
 
+from rayft.runs import read_metrics
+
 pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,9 +62,12 @@ def test_every_trial_reports_and_asha_stops_some_early(tiny_sweep):
     assert grid_covered(t) == GRID and len(t) == 4
     assert set(t.status) <= {"finished", "stopped"}, t.to_string()
     assert t.eval_loss.notna().all() and (t.steps_run >= 10).all()  # every trial reported an eval
-    for trial_id in t.trial_id:  # ... through Tune: its result file has eval losses at eval steps
+    for trial_id, run_dir in zip(t.trial_id, t.run_dir, strict=True):
+        # ... through Tune: its result file holds the eval losses its SFT run logged, at the eval steps
         reported = read_jsonl(result.sweep_dir / trial_id / "result.json")
-        assert reported and all(r["eval_loss"] > 0 and r["step"] % 10 == 0 for r in reported)
+        logged = {r["step"]: r["eval_loss"] for r in read_metrics(Path(run_dir)) if "eval_loss" in r}
+        assert reported and all(r["step"] % 10 == 0 for r in reported)
+        assert all(r["eval_loss"] == pytest.approx(logged[r["step"]]) for r in reported)
     stopped, finished = t[t.stopped_early], t[~t.stopped_early]
     assert len(stopped) >= 1 and len(finished) >= 1, t.to_string()
     assert (stopped.steps_run < 40).all() and (finished.steps_run == 40).all()
