@@ -69,8 +69,8 @@ class ModelSpec:
 MODELS = {
     "tiny": ModelSpec("tiny", 128, 2, rows_per_step=8, micro_batch_size=4, logging_steps=10, warmup=10,
                       measure=30, pilot_warmup=3, pilot_measure=10),
-    "30m": ModelSpec("30m", 512, 12, rows_per_step=4, micro_batch_size=2, logging_steps=2, warmup=2, measure=8,
-                     pilot_warmup=1, pilot_measure=3),
+    "30m": ModelSpec("30m", 512, 12, rows_per_step=4, micro_batch_size=2, logging_steps=2, warmup=2, measure=6,
+                     pilot_warmup=1, pilot_measure=2),
 }
 QUICK_MODELS = {
     "tiny": ModelSpec("tiny", 128, 2, 8, 4, logging_steps=2, warmup=2, measure=4, pilot_warmup=1, pilot_measure=2),
