@@ -141,7 +141,8 @@ def trl_trainer(job: Job, cand: TrlCandidate, dataset, tokenizer, model, records
         adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0,
         optim="adamw_torch",  # what rayft uses (torch.optim.AdamW)
         bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,  # TRL defaults to checkpointing
-        max_length=job.max_seq_len, packing=cand.packing, packing_strategy="bfd", padding_free=cand.padding_free,
+        # padding-free without packing refuses max_length (it would not be enforced); the data fits it anyway
+        max_length=None if cand.padding_free and not cand.packing else job.max_seq_len, packing=cand.packing, packing_strategy="bfd", padding_free=cand.padding_free,
         assistant_only_loss=True, train_sampling_strategy=cand.sampler,
         logging_steps=job.logging_steps, save_strategy="no", eval_strategy="no", report_to="none",
         dataloader_num_workers=cand.dl_workers, dataloader_pin_memory=False, seed=job.seed,
