@@ -19,10 +19,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# rayft from this checkout, or from BENCH_RAYFT_SRC (a patched copy whose effect is to be measured); Ray's
-# workers inherit the driver's sys.path
+# rayft from this checkout, or from BENCH_RAYFT_SRC (a patched copy whose effect is to be measured). Ray's
+# workers find it through PYTHONPATH (they inherit the environment of the process that starts Ray, not its
+# sys.path; without it they would import whatever rayft the virtual environment has installed).
 RAYFT_SRC = os.environ.get("BENCH_RAYFT_SRC", str(REPO))
 sys.path.insert(0, RAYFT_SRC)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (RAYFT_SRC, os.environ.get("PYTHONPATH")) if p)
 
 # The rayft tiny tokenizer's ChatML template (rayft.tiny.CHATML_TEMPLATE) with TRL's `{% generation %}` markers
 # around what the assistant writes (its text, the end-of-turn token and the newline after it). It renders exactly
