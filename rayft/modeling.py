@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from rayft import packed_attention
 from rayft.config import FinetuneConfig, ModelConfig, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,12 @@ def check_model_source(cfg: ModelConfig) -> None:
         raise ModelLoadError(_not_found(cfg.name_or_path, e)) from None
 
 
+def _training_attention(name: str) -> str:
+    """``sdpa`` trains with the same SDPA kernels, one example at a time inside packed rows
+    (:mod:`rayft.packed_attention`): no ``T x T`` block mask, and scores only within each example."""
+    return packed_attention.register() if name == "sdpa" else name
+
+
 def load_model(model_cfg: ModelConfig, ft_cfg: FinetuneConfig, *, use_gpu: bool, device: torch.device | None = None,
                head: str = "causal_lm", init_adapter: str | None = None, reference: bool = False,
                pad_token_id: int | None = None):
@@ -98,7 +105,7 @@ def load_model(model_cfg: ModelConfig, ft_cfg: FinetuneConfig, *, use_gpu: bool,
         revision=model_cfg.revision,
         trust_remote_code=model_cfg.trust_remote_code,
         dtype=load_dtype,
-        attn_implementation=model_cfg.attn_implementation,
+        attn_implementation=_training_attention(model_cfg.attn_implementation),
         use_cache=False,  # the engine also passes use_cache=False on every forward: packing needs it
     )
     if head != "causal_lm":
@@ -122,6 +129,9 @@ def load_model(model_cfg: ModelConfig, ft_cfg: FinetuneConfig, *, use_gpu: bool,
         model = getattr(transformers, auto_cls).from_pretrained(model_cfg.name_or_path, **kwargs)
     except OSError as e:
         raise ModelLoadError(_not_found(model_cfg.name_or_path, e)) from None
+    if model.config._attn_implementation == packed_attention.ATTN_IMPLEMENTATION and not packed_attention.supports(
+            model.config):
+        model.set_attn_implementation("sdpa")  # sliding-window layers: transformers' own SDPA with masks
 
     if ft_cfg.method == "full":
         if model_cfg.gradient_checkpointing:
