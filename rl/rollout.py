@@ -1,0 +1,302 @@
+"""The rollout role: one interface (:class:`RolloutEngine`), two engines, and the worker the controller runs.
+
+* :class:`TransformersEngine` (CPU, and serving's CPU engine): the policy loaded with rayft's own loaders, a
+  batched decode loop over the model's forward with a KV cache (left padding, per-row stop, finished rows
+  dropped from the batch), temperature / top-p / greedy.
+* ``rayft.rl.vllm_engine.VLLMEngine`` (GPU): the same interface over vLLM, imported only when asked for.
+
+Conventions both engines keep (the learner and the controller rely on them):
+
+* **Seeds.** ``generate(prompt_ids, sampling, seeds)`` takes ``seeds[i][j]`` for sample ``j`` of prompt ``i``
+  (:func:`sample_seeds` derives them from the run seed, the step and the prompt's position in the data). A
+  completion depends only on its prompt, its seed and the weights, never on which prompts share the batch,
+  so a resumed run draws the samples an uninterrupted one drew. (Up to float rounding: a batch of another
+  size may round a logit differently, as in vLLM without its batch-invariant mode.)
+* **Logprobs** are those of :class:`~rayft.rl.records.Completion`: ``log_softmax(logits / T)`` at the sampled
+  token, before top-p. Greedy decoding (``T == 0``) reports ``log_softmax(logits)``, as vLLM does.
+* **Weights** arrive as the learner's ``Engine.trainable_state_dict()``: PEFT parameter names (adapter
+  ``default``) for LoRA, the model's parameter names for full fine-tuning. The set must be exactly the
+  engine's trainable set; anything else is refused before a tensor is copied, and ``version`` changes only
+  once the update is applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from rayft.rl.records import Completion, RolloutBatch, Sampling
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("rayft.rl.rollout")
+
+
+def sample_seeds(seed: int, step: int, prompt_keys: list[int], n: int) -> list[list[int]]:
+    """``seeds[i][j]`` for sample ``j`` of the prompt whose data position is ``prompt_keys[i]`` at ``step``:
+    a hash of the four numbers (63 bits), so it depends on nothing else (batch, actor, retry).
+
+    >>> sample_seeds(0, 3, [7, 8], 2) == sample_seeds(0, 3, [7, 8], 2)
+    True
+    >>> sample_seeds(0, 3, [7], 2)[0] == sample_seeds(0, 3, [8, 7], 2)[1]
+    True
+    """
+    def one(key: int, j: int) -> int:
+        digest = hashlib.blake2b(f"{seed}:{step}:{key}:{j}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") >> 1
+
+    return [[one(key, j) for j in range(n)] for key in prompt_keys]
+
+
+def check_seeds(prompt_ids: list[list[int]], sampling: Sampling, seeds: list[list[int]]) -> None:
+    if len(seeds) != len(prompt_ids) or any(len(s) != sampling.n for s in seeds):
+        raise ValueError(f"seeds must be one list of n={sampling.n} per prompt ({len(prompt_ids)} prompts), got "
+                         f"{[len(s) for s in seeds]}")
+    if any(not p for p in prompt_ids):
+        raise ValueError("an empty prompt (no token ids) cannot be generated from")
+
+
+def check_update_names(got: set[str], expected: set[str], what: str) -> None:
+    """Refuse a weight update whose tensor names are not exactly ``expected`` (a partial update would leave
+    stale weights; a foreign name means the learner and the rollout engine disagree on the model)."""
+    unknown, missing = sorted(got - expected), sorted(expected - got)
+    if unknown or missing:
+        example = next(iter(sorted(expected)), "none")
+        raise ValueError(
+            f"weight update refused: the engine expects {len(expected)} {what} tensors (e.g. {example!r}); "
+            + (f"{len(unknown)} unknown names, e.g. {unknown[:3]}" if unknown else "")
+            + ("; " if unknown and missing else "")
+            + (f"{len(missing)} missing, e.g. {missing[:3]}" if missing else ""))
+
+
+class RolloutEngine(Protocol):
+    """What the rollout worker (and serving's CPU engine) needs from an engine."""
+
+    name: str
+    version: int
+
+    def generate(self, prompt_ids: list[list[int]], sampling: Sampling,
+                 seeds: list[list[int]]) -> list[list[Completion]]: ...
+
+    def update_weights(self, tensors: dict[str, torch.Tensor], version: int) -> None: ...
+
+
+def stop_token_ids(tokenizer, generation_config=None) -> set[int]:
+    """Where a completion ends: the tokenizer's eos, the chat end token, the model's generation eos ids."""
+    ids = {tokenizer.eos_token_id}
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos])
+    return {i for i in ids if i is not None}
+
+
+class TransformersEngine:
+    """The policy on CPU (or one GPU) in transformers, generating with its own KV-cache decode loop.
+
+    Hand-written rather than ``model.generate``: ``generate`` draws every row from one global RNG, so a
+    row's samples would depend on its batch-mates, and its per-token scores are the processed (top-p
+    truncated) ones. The loop is a prefill plus one cached forward per token; rows that finish leave the
+    batch (``DynamicCache.batch_select_indices``), so a long tail does not pay for the whole batch.
+    """
+
+    name = "transformers"
+
+    def __init__(self, model, finetune=None, *, adapter: str | None = None, chat_template: str | None = None,
+                 device: str = "cpu", max_batch_rows: int = 256):
+        import torch
+
+        from rayft.config import FinetuneConfig, ModelConfig
+        from rayft.modeling import load_model, load_tokenizer
+
+        model_cfg = model if isinstance(model, ModelConfig) else ModelConfig.model_validate(model)
+        if finetune is None:  # a plain model, or an adapter to serve: LoRA iff an adapter is given
+            finetune = FinetuneConfig(method="lora" if adapter else "full")
+        ft = finetune if isinstance(finetune, FinetuneConfig) else FinetuneConfig.model_validate(finetune)
+        adapter = adapter or ft.init_adapter
+        self.device = torch.device(device)
+        self.tokenizer = load_tokenizer(model_cfg, chat_template)
+        self.model = load_model(model_cfg, ft, use_gpu=self.device.type == "cuda", device=self.device,
+                                init_adapter=adapter).to(self.device)
+        # the learner's trainable set (same loader, same wrapping): exactly what a weight update carries
+        self._trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.model.eval().requires_grad_(False)
+        self.lora = ft.method != "full"
+        self.stop_ids = stop_token_ids(self.tokenizer, self.model.generation_config)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.max_batch_rows = max_batch_rows
+        self.version = 0
+        # transformers renamed the forward's ``past_key_values`` to ``cache`` within the 5.x range we support
+        # (vLLM pins an older 5.x); the old name warns from then on.
+        forward = self.model.get_base_model().forward if self.lora else self.model.forward
+        self._cache_kw = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+    # ------------------------------------------------------------------------------------------ weights
+
+    def update_weights(self, tensors: dict[str, torch.Tensor], version: int) -> None:
+        """Copy the learner's trainable tensors into the policy, then take ``version``."""
+        import torch
+
+        check_update_names(set(tensors), set(self._trainable), "LoRA adapter" if self.lora else "model")
+        bad = [f"{n}: {tuple(t.shape)} for {tuple(self._trainable[n].shape)}" for n, t in tensors.items()
+               if t.shape != self._trainable[n].shape]
+        if bad:
+            raise ValueError(f"weight update refused: {len(bad)} tensors of the wrong shape, e.g. {bad[:2]}")
+        with torch.no_grad():
+            for n, t in tensors.items():
+                self._trainable[n].copy_(t)
+        self.version = version
+
+    # --------------------------------------------------------------------------------------- generation
+
+    def generate(self, prompt_ids: list[list[int]], sampling: Sampling,
+                 seeds: list[list[int]]) -> list[list[Completion]]:
+        """``n`` completions per prompt, decoded in chunks of whole prompts of at most ``max_batch_rows`` rows
+        (chunking does not change a row's result: its draws come from its own seed)."""
+        check_seeds(prompt_ids, sampling, seeds)
+        per_chunk = max(1, self.max_batch_rows // sampling.n)
+        groups: list[list[Completion]] = []
+        for start in range(0, len(prompt_ids), per_chunk):
+            end = start + per_chunk
+            flat = self._decode(prompt_ids[start:end], [s for g in seeds[start:end] for s in g], sampling)
+            groups += [flat[i:i + sampling.n] for i in range(0, len(flat), sampling.n)]
+        return groups
+
+    def _decode(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling) -> list[Completion]:
+        """One batched decode of ``n`` rows per prompt: a left-padded prefill of each prompt once, its KV cache
+        repeated for the prompt's ``n`` rows, then one cached forward per token for the unfinished rows."""
+        import torch
+        from transformers import DynamicCache
+
+        n, width, dev = sampling.n, max(len(p) for p in prompts), self.device
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            input_ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each prompt starts at position 0, as in training
+        rows = len(prompts) * n
+        gens = [torch.Generator().manual_seed(s) for s in seeds] if sampling.temperature > 0 else None
+        tokens: list[list[int]] = [[] for _ in range(rows)]
+        logprobs: list[list[float]] = [[] for _ in range(rows)]
+        stopped = [False] * rows
+        live = list(range(rows))  # batch row -> completion row
+        stop = torch.tensor(sorted(self.stop_ids))
+        cache = DynamicCache(config=self.model.config)
+        with torch.inference_mode():
+            logits = self.model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
+                                use_cache=True, logits_to_keep=1, **{self._cache_kw: cache}).logits[:, -1]
+            if n > 1:
+                cache.batch_repeat_interleave(n)
+                logits = logits.repeat_interleave(n, 0)
+            mask = mask.to(dev).repeat_interleave(n, 0)
+            last_pos = positions[:, -1].to(dev).repeat_interleave(n, 0)
+            for t in range(sampling.max_tokens):
+                next_ids, next_lp = pick_tokens(logits.float(), sampling, [gens[r] for r in live] if gens else None)
+                ids_cpu, lp_cpu = next_ids.cpu(), next_lp.cpu()
+                done = torch.isin(ids_cpu, stop)
+                for b, r in enumerate(live):
+                    tokens[r].append(int(ids_cpu[b]))
+                    logprobs[r].append(float(lp_cpu[b]))
+                    stopped[r] = bool(done[b])
+                if done.all() or t == sampling.max_tokens - 1:
+                    break
+                if done.any():  # finished rows leave the batch and its cache
+                    keep = (~done).nonzero().squeeze(1)
+                    live = [live[k] for k in keep.tolist()]
+                    keep = keep.to(dev)
+                    cache.batch_select_indices(keep)
+                    mask, last_pos, next_ids = mask[keep], last_pos[keep], next_ids[keep]
+                mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+                last_pos = last_pos + 1
+                logits = self.model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=last_pos[:, None],
+                                    use_cache=True, **{self._cache_kw: cache}).logits[:, -1]
+        return [Completion(token_ids=tokens[r], logprobs=logprobs[r],
+                           text=self.tokenizer.decode(tokens[r], skip_special_tokens=True),
+                           finish_reason="stop" if stopped[r] else "length") for r in range(rows)]
+
+
+def pick_tokens(logits_BV: torch.Tensor, sampling: Sampling,
+                gens: list[torch.Generator] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next token of each row and its log-probability under ``logits / T`` (before top-p).
+
+    Sampling is the exponential race (argmax of ``p / E`` with ``E ~ Exp(1)``, as vLLM samples), each row's
+    noise drawn from its own generator, so a row's draw does not depend on the other rows. Top-p is
+    transformers' own ``TopPLogitsWarper`` (the rule vLLM applies too).
+    """
+    import torch
+
+    if sampling.temperature == 0:
+        return logits_BV.argmax(-1), torch.log_softmax(logits_BV, -1).max(-1).values
+    scaled = logits_BV / sampling.temperature
+    logprobs_BV = torch.log_softmax(scaled, -1)
+    if sampling.top_p < 1:
+        from transformers import TopPLogitsWarper
+
+        scaled = TopPLogitsWarper(sampling.top_p)(None, scaled)
+    probs_BV = torch.softmax(scaled, -1)
+    noise_BV = torch.stack([torch.empty(probs_BV.shape[1]).exponential_(generator=g) for g in gens])
+    ids_B = (probs_BV / noise_BV.to(probs_BV.device)).argmax(-1)
+    return ids_B, logprobs_BV.gather(1, ids_B[:, None]).squeeze(1)
+
+
+# ---------------------------------------------------------------------------------------------- worker
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    """How to build a rollout engine, as plain data (it crosses to the actor): the model and finetune
+    sections as dumps of rayft's configs (the worker validates them again), the starting adapter directory,
+    and the engine's own options (``TransformersEngine`` keyword arguments, or ``VLLMOptions`` fields)."""
+
+    model: dict[str, Any]
+    finetune: dict[str, Any] = field(default_factory=dict)
+    engine: str = "transformers"  # or "vllm"
+    adapter: str | None = None
+    chat_template: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def build_engine(spec: RolloutSpec) -> RolloutEngine:
+    if spec.engine == "transformers":
+        return TransformersEngine(spec.model, spec.finetune or None, adapter=spec.adapter,
+                                  chat_template=spec.chat_template, **spec.options)
+    if spec.engine == "vllm":
+        from rayft.rl.vllm_engine import VLLMEngine, VLLMOptions
+
+        return VLLMEngine(spec.model, spec.finetune or None, adapter=spec.adapter,
+                          chat_template=spec.chat_template, options=VLLMOptions(**spec.options))
+    raise ValueError(f"unknown rollout engine {spec.engine!r}: 'transformers' or 'vllm'")
+
+
+class RolloutWorker:
+    """The rollout role: an engine behind calls that stamp every batch with the policy version that made it.
+    A plain class; the controller makes it an actor (``ray.remote(num_cpus=..., num_gpus=...)(RolloutWorker)``)."""
+
+    def __init__(self, spec: RolloutSpec):
+        for name in ("transformers", "peft"):  # loading notices, once per actor, are noise on the driver
+            logging.getLogger(name).setLevel(logging.ERROR)
+        self.engine = build_engine(spec)
+
+    def generate(self, prompt_ids: list[list[int]], sampling: Sampling, seeds: list[list[int]]) -> RolloutBatch:
+        version = self.engine.version
+        start = time.perf_counter()
+        completions = self.engine.generate(prompt_ids, sampling, seeds)
+        return RolloutBatch(policy_version=version, prompt_ids=prompt_ids, completions=completions,
+                            generate_s=time.perf_counter() - start, engine=self.engine.name)
+
+    def update_weights(self, tensors: dict[str, torch.Tensor], version: int) -> int:
+        self.engine.update_weights(tensors, version)
+        return self.engine.version
+
+    def version(self) -> int:
+        return self.engine.version
+
+    def ping(self) -> bool:
+        return True
