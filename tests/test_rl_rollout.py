@@ -60,13 +60,14 @@ def learner_state_dict(assets, adapter=None, method="lora") -> dict[str, torch.T
 
 
 def hf_generate(model, prompts, pad_id, stop_ids, max_tokens) -> list[list[int]]:
-    """transformers' own greedy generate on the same left-padded batch, cut after the first stop token."""
+    """transformers' own greedy generate on the same left-padded batch, cut after the first stop token. Without
+    a KV cache (a full forward per token): an independent check of the engine's cache handling."""
     width = max(map(len, prompts))
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_tokens,
-                             eos_token_id=sorted(stop_ids), pad_token_id=pad_id)
+                             eos_token_id=sorted(stop_ids), pad_token_id=pad_id, use_cache=False)
     rows = []
     for row in out[:, width:].tolist():
         cut = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
