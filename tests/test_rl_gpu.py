@@ -82,6 +82,10 @@ def test_vllm_lora_update_matches_the_transformers_engine(assets, lora_dir, vllm
     assert vllm_lora.version == 1 and after != before
     assert after == [c.token_ids for c in greedy_tokens(ref, prompts)]
     assert vllm_lora._lora_request.lora_int_id == 2  # a new LoRA id for the new version
+    name = next(iter(state))
+    with pytest.raises(ValueError, match="missing"):
+        vllm_lora.update_weights({k: v for k, v in state.items() if k != name}, version=2)
+    assert vllm_lora.version == 1
 
 
 def test_vllm_full_weight_update_matches_the_transformers_engine(assets, vllm_full):
