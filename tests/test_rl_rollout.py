@@ -215,7 +215,8 @@ def test_update_with_wrong_names_or_shapes_is_refused_and_changes_nothing(assets
     renamed = {**{k: v for k, v in state.items() if k != name}, name.replace(".default.", ".other."): state[name]}
     with pytest.raises(ValueError, match=r"1 unknown names.*\.other\..*1 missing"):
         eng.update_weights(renamed, version=1)
-    with pytest.raises(ValueError, match="0 unknown|missing"):
+    with pytest.raises(ValueError, match=f"refused: the engine expects {len(state)} LoRA adapter tensors .*; "
+                                         f"{len(state) - 3} missing"):
         eng.update_weights(dict(list(state.items())[:3]), version=1)
     with pytest.raises(ValueError, match="wrong shape"):
         eng.update_weights({**state, name: state[name][:1]}, version=1)
@@ -264,6 +265,13 @@ def test_rollout_worker_as_an_actor(assets, ray_local, lora_dir):
         ray.get(worker.update_weights.remote({"nope.weight": torch.zeros(1)}, 6), timeout=60)
     assert ray.get(worker.version.remote(), timeout=60) == 5
     ray.kill(worker)
+
+
+def test_unknown_engine_is_named():
+    from rayft.rl.rollout import build_engine
+
+    with pytest.raises(ValueError, match="unknown rollout engine 'sglang'"):
+        build_engine(RolloutSpec(model={"name_or_path": "x"}, engine="sglang"))
 
 
 # ------------------------------------------------------------------------------- vLLM plain-code helpers
