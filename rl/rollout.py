@@ -102,8 +102,14 @@ class TransformersEngine:
 
     Hand-written rather than ``model.generate``: ``generate`` draws every row from one global RNG, so a
     row's samples would depend on its batch-mates, and its per-token scores are the processed (top-p
-    truncated) ones. The loop is a prefill plus one cached forward per token; rows that finish leave the
-    batch (``DynamicCache.batch_select_indices``), so a long tail does not pay for the whole batch.
+    truncated) ones. The loop prefills each prompt once and repeats its KV cache for the prompt's ``n``
+    samples (``generate`` prefills every copy), then runs one cached forward per token; rows that finish
+    leave the batch (``DynamicCache.batch_select_indices``), so a long tail does not pay for the whole batch.
+    On the tiny model (16 prompts x 8 samples x 32 tokens, 2 CPU cores) it makes 1.6x the tokens/s of
+    ``generate`` with its KV cache; without the shared prefill the two are level.
+
+    A fresh LoRA (``finetune.method`` lora, no adapter) starts with B = 0, the base model, whatever its A: the
+    learner's first weight update brings both.
     """
 
     name = "transformers"

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rayft.rl.records import Completion, Sampling
-from rayft.rl.rollout import check_seeds, stop_token_ids
+from rayft.rl.rollout import check_seeds, check_update_names, stop_token_ids
 
 if TYPE_CHECKING:
     import torch
@@ -195,9 +195,14 @@ class VLLMEngine:
         adapter = adapter or ft.init_adapter
         self.workdir = Path(self.options.workdir or tempfile.mkdtemp(prefix="rayft-vllm-adapters-"))
         rank, self.lora_alpha = ft.lora.r, ft.lora.alpha
+        self._lora_names: set[str] | None = None  # the adapter file's tensor names: every version has the same
         if adapter:
+            from safetensors import safe_open
+
             cfg = json.loads(Path(adapter, "adapter_config.json").read_text())
             rank, self.lora_alpha = cfg["r"], cfg["lora_alpha"]
+            with safe_open(str(Path(adapter, "adapter_model.safetensors")), "pt") as f:
+                self._lora_names = set(f.keys())
         tokenizer = load_tokenizer(self.model_cfg, chat_template)
         self.stop_ids = stop_token_ids(tokenizer)
         self.llm = LLM(**engine_args(self.model_cfg, self.options, lora_rank=rank if self.lora else None,
@@ -235,6 +240,9 @@ class VLLMEngine:
 
     def update_weights(self, tensors: dict[str, torch.Tensor], version: int) -> None:
         if self.lora:
+            names = set(adapter_file_tensors(tensors))
+            check_update_names(names, self._lora_names or names, "LoRA adapter")
+            self._lora_names = names
             path = write_adapter_dir(self.workdir / f"policy-v{version}", tensors,
                                      base_model=self.model_cfg.name_or_path, lora_alpha=self.lora_alpha)
             self._lora_request = self._make_lora_request(path, version)

@@ -60,13 +60,14 @@ def learner_state_dict(assets, adapter=None, method="lora") -> dict[str, torch.T
 
 
 def hf_generate(model, prompts, pad_id, stop_ids, max_tokens) -> list[list[int]]:
-    """transformers' own greedy generate on the same left-padded batch, cut after the first stop token."""
+    """transformers' own greedy generate on the same left-padded batch, cut after the first stop token. Without
+    a KV cache (a full forward per token): an independent check of the engine's cache handling."""
     width = max(map(len, prompts))
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_tokens,
-                             eos_token_id=sorted(stop_ids), pad_token_id=pad_id)
+                             eos_token_id=sorted(stop_ids), pad_token_id=pad_id, use_cache=False)
     rows = []
     for row in out[:, width:].tolist():
         cut = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
@@ -214,7 +215,8 @@ def test_update_with_wrong_names_or_shapes_is_refused_and_changes_nothing(assets
     renamed = {**{k: v for k, v in state.items() if k != name}, name.replace(".default.", ".other."): state[name]}
     with pytest.raises(ValueError, match=r"1 unknown names.*\.other\..*1 missing"):
         eng.update_weights(renamed, version=1)
-    with pytest.raises(ValueError, match="0 unknown|missing"):
+    with pytest.raises(ValueError, match=f"refused: the engine expects {len(state)} LoRA adapter tensors .*; "
+                                         f"{len(state) - 3} missing"):
         eng.update_weights(dict(list(state.items())[:3]), version=1)
     with pytest.raises(ValueError, match="wrong shape"):
         eng.update_weights({**state, name: state[name][:1]}, version=1)
@@ -263,6 +265,13 @@ def test_rollout_worker_as_an_actor(assets, ray_local, lora_dir):
         ray.get(worker.update_weights.remote({"nope.weight": torch.zeros(1)}, 6), timeout=60)
     assert ray.get(worker.version.remote(), timeout=60) == 5
     ray.kill(worker)
+
+
+def test_unknown_engine_is_named():
+    from rayft.rl.rollout import build_engine
+
+    with pytest.raises(ValueError, match="unknown rollout engine 'sglang'"):
+        build_engine(RolloutSpec(model={"name_or_path": "x"}, engine="sglang"))
 
 
 # ------------------------------------------------------------------------------- vLLM plain-code helpers
