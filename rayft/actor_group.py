@@ -44,7 +44,8 @@ class ActorGroup:
     """``n`` actors of ``cls`` (a :class:`DistributedWorker`), ranks ``0..n-1``, in one placement group."""
 
     def __init__(self, cls: type, n: int, *, role: str, num_cpus: float = 1, num_gpus: float = 0,
-                 strategy: str = "PACK", timeout_s: float = 300, init_args: tuple = (), env: dict | None = None):
+                 strategy: str = "PACK", timeout_s: float = 300, init_args: tuple = (), env: dict | None = None,
+                 init_kwargs: dict | None = None):
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -57,7 +58,7 @@ class ActorGroup:
         self.actors = [
             remote_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, runtime_env={"env_vars": env} if env else None,
                                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i))
-            .remote(*init_args)
+            .remote(*init_args, **(init_kwargs or {}))
             for i in range(n)
         ]
         master = self._get(self.actors[0].address.remote(), "address")

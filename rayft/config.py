@@ -433,6 +433,9 @@ def resolve_paths(cfg: C, base: str | Path | None = None) -> C:
         out.data = data = data.with_paths(fix)
         if data.chat_template and Path(data.chat_template).suffix in (".jinja", ".j2", ".txt"):
             data.chat_template = fix(data.chat_template)
+    prompts = getattr(out, "prompts", None)  # the RL job's prompt sources
+    if prompts is not None:
+        out.prompts = prompts.with_paths(fix)
     for attr in ("storage_path", "registry"):
         p = Path(getattr(out.run, attr)).expanduser()
         if "://" not in getattr(out.run, attr):

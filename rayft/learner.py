@@ -39,6 +39,11 @@ class LearnerWorker(DistributedWorker):
     def step(self, objective, batches) -> dict:
         return self.engine.step(objective, batches)
 
+    def apply(self, fn, *args):
+        """``fn(engine, *args)`` on this rank: forwards an objective needs outside a step (the RL learner's
+        old and reference log-probabilities, the critic's values). Collective under ZeRO-3: call every rank."""
+        return fn(self.engine, *args)
+
     def evaluate(self, objective, batches) -> dict:
         return self.engine.evaluate(objective, batches)
 

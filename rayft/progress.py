@@ -86,6 +86,8 @@ class ProgressDisplay:
         for key in ("loss", "eval_loss", "tokens_per_s"):
             if r.get(key) is not None:
                 st[key] = r[key]
+        if r.get("show"):  # a driver-side loop (RL) names its own fields: {"reward": "0.31", ...}
+            st["show"] = {**st.get("show", {}), **r["show"]}
         if self.tty:
             self._draw()
         elif r.get("logged"):
@@ -107,6 +109,7 @@ class ProgressDisplay:
             parts.append(f"eval {st['eval_loss']:.4f}")
         if st["tokens_per_s"] is not None:
             parts.append(f"{st['tokens_per_s']:.0f} tok/s")
+        parts += [f"{k} {v}" for k, v in st.get("show", {}).items()]
         parts.append(f"ETA {_fmt_eta(self.eta())}")
         return "  ".join(parts)
 
@@ -127,6 +130,7 @@ class ProgressDisplay:
         self._bar.n = st["step"]
         post = [f"loss {st['loss']:.4f}" if st["loss"] is not None else "",
                 f"eval {st['eval_loss']:.4f}" if st["eval_loss"] is not None else "",
-                f"{st['tokens_per_s']:.0f} tok/s" if st["tokens_per_s"] is not None else ""]
+                f"{st['tokens_per_s']:.0f} tok/s" if st["tokens_per_s"] is not None else "",
+                *(f"{k} {v}" for k, v in st.get("show", {}).items())]
         self._bar.set_postfix_str("  ".join(p for p in post if p), refresh=False)
         self._bar.refresh()

@@ -30,7 +30,10 @@ def ray_local():
     from rayft.cluster import init_ray
 
     assert not os.environ.get("RAY_ADDRESS"), "the tests start their own Ray; unset RAY_ADDRESS"
-    init_ray(2, env_vars={"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}, log_to_driver=True)
+    # tests/ on the workers' path: RL tests name reward functions by import path (rl_test_rewards:hang)
+    path = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
+    init_ray(2, env_vars={"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONPATH": path},
+             log_to_driver=True)
     yield ray
     ray.shutdown()
 

@@ -1,0 +1,120 @@
+"""The RL loop on a local Ray with the tiny model and the transformers rollout engine: learning (GRPO and
+PPO), exact resume, a killed rollout actor, a stale policy version and a hung reward actor."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from conftest import ROOT
+
+pytestmark = pytest.mark.ray
+
+
+def rl_config(assets, tmp_path, tiny_sft, name: str, overrides=()):
+    from rayft.config import load_config
+    from rayft.rl.config import RLConfig
+
+    return load_config(RLConfig, ROOT / "configs" / "grpo_tiny.yaml", [
+        f"model.name_or_path={assets['model']}",
+        f"finetune.init_adapter={tiny_sft.adapter_dir}",
+        f"prompts.source={assets['train']}",
+        f"prompts.eval={assets['eval']}",
+        f"run.name={name}",
+        f"run.storage_path={tmp_path / 'runs'}",
+        f"run.registry={tmp_path / 'adapters'}",
+        "run.progress=false",
+        *overrides,
+    ])
+
+
+def _records(run_dir):
+    from rayft.runs import read_metrics
+
+    return read_metrics(run_dir)
+
+
+def _adapter_tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+SHORT = ["train.max_steps=4", "train.save_steps=2", "train.eval_steps=100", "eval.at_start=false",
+         "sampling.prompts_per_step=4", "sampling.max_tokens=24", "prompts.max_eval_prompts=8",
+         'rewards=[{"name": "digits", "function": "rl_test_rewards:digit_share"}]']
+
+
+def test_resume_matches_an_uninterrupted_run_and_a_killed_rollout_actor_is_replaced(assets, ray_local, tmp_path,
+                                                                                    tiny_sft):
+    """4 steps in one run == 2 steps, a crash, a resume from the step-2 checkpoint and 2 more steps: the same
+    rewards every step and the same final adapter. The resumed run starts at step 2 (attempts.jsonl), so a
+    restart from step 0 fails the test. In the uninterrupted run a rollout actor is killed after step 1: it is
+    replaced, brought to the current policy, and the run's samples do not change."""
+    import ray
+
+    from rayft.rl.controller import run_rl
+
+    def kill_rollout(run, step):
+        if step == 1:
+            ray.kill(run.roles.rollout.actors[0], no_restart=True)
+
+    whole = run_rl(rl_config(assets, tmp_path, tiny_sft, "whole", SHORT), on_step=kill_rollout)
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash(run, step):
+        if step == 2:
+            raise Crash
+
+    cfg = rl_config(assets, tmp_path, tiny_sft, "halves", SHORT)
+    with pytest.raises(Crash):
+        run_rl(cfg, on_step=crash)
+    halves = run_rl(cfg)
+
+    attempts = [json.loads(line) for line in (halves.run_dir / "attempts.jsonl").read_text().splitlines()]
+    assert [a["start_step"] for a in attempts] == [0, 2]
+    a, b = _records(whole.run_dir), _records(halves.run_dir)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["reward"] for r in a] == pytest.approx([r["reward"] for r in b], abs=1e-9)
+    assert a[-1]["rollout_restarts"] == 1 and b[-1]["rollout_restarts"] == 0
+    assert all("skipped_update" not in r for r in a)  # every step trained
+    ta, tb = _adapter_tensors(whole.adapter_dir), _adapter_tensors(halves.adapter_dir)
+    start = _adapter_tensors(tiny_sft.adapter_dir)
+    assert ta.keys() == tb.keys()
+    assert max((ta[k] - tb[k]).abs().max().item() for k in ta) < 1e-5
+    assert max((ta[k] - start[k]).abs().max().item() for k in ta) > 1e-3  # and training did move the adapter
+
+
+def test_a_rollout_batch_from_a_stale_policy_is_refused(assets, ray_local, tmp_path, tiny_sft):
+    """A rollout actor that silently kept older weights (a sync that never arrived) stamps its batch with its
+    old version; the controller stops instead of training on it."""
+    import ray
+
+    from rayft.rl.controller import run_rl
+    from rayft.rl.records import StalePolicyError
+
+    def lose_sync(run, step):
+        if step == 1:  # the weights of version 1 are re-applied as version 0: the engine now claims version 0
+            ray.get(run.roles.rollout.actors[0].update_weights.remote(run.roles.weights_ref, 0))
+
+    cfg = rl_config(assets, tmp_path, tiny_sft, "stale", [*SHORT, "train.max_steps=3"])
+    with pytest.raises(StalePolicyError, match="policy version 0, expected 1"):
+        run_rl(cfg, on_step=lose_sync)
+
+
+def test_a_hung_reward_actor_is_retried_then_named_in_the_error(assets, ray_local, tmp_path, tiny_sft):
+    from rayft.rl.controller import run_rl
+    from rayft.rl.pool import RoleError
+
+    cfg = rl_config(assets, tmp_path, tiny_sft, "hang", [
+        *SHORT, "roles.reward.timeout_s=3", "roles.reward.retries=1",
+        'rewards=[{"name": "hang", "function": "rl_test_rewards:hang"}]'])
+    with pytest.raises(RoleError, match=r"^reward: score failed 2 time\(s\), the last because no answer within 3 s"):
+        run_rl(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
