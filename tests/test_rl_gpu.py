@@ -12,10 +12,11 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 vllm = pytest.importorskip("vllm")
 
+from test_rl_rollout import chat_prompts, forward_logprobs, learner_state_dict, lora_dir  # noqa: E402, F401
+
 from rayft.rl.records import Sampling  # noqa: E402
 from rayft.rl.rollout import TransformersEngine, sample_seeds  # noqa: E402
 from rayft.rl.vllm_engine import VLLMEngine, VLLMOptions  # noqa: E402
-from test_rl_rollout import chat_prompts, forward_logprobs, learner_state_dict, lora_dir  # noqa: E402, F401
 
 MODEL = {"dtype": "fp32"}
 OPTIONS = dict(gpu_memory_utilization=0.2, max_model_len=512, enforce_eager=True)

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+
 from rayft.rl.records import Completion, RolloutBatch, Sampling
 from rayft.rl.rollout import RolloutSpec, RolloutWorker, TransformersEngine, sample_seeds
 
@@ -289,9 +290,8 @@ def test_vllm_lora_rank_setting_and_ids():
 
 
 def test_vllm_engine_args():
-    from rayft.rl.vllm_engine import VLLMOptions, engine_args
-
     from rayft.config import ModelConfig
+    from rayft.rl.vllm_engine import VLLMOptions, engine_args
 
     model = ModelConfig(name_or_path="Qwen/Qwen2.5-1.5B-Instruct", dtype="bf16")
     lora = engine_args(model, VLLMOptions(max_loras=2, max_model_len=2048), lora_rank=12)
@@ -322,8 +322,9 @@ def test_vllm_sampling_params_and_requests():
 def test_vllm_adapter_dir_round_trips_through_peft(assets, lora_dir, tmp_path, prompts):
     """The learner's tensors written as an adapter directory load with PEFT into the model they came from."""
     from peft import PeftModel
-    from rayft.rl.vllm_engine import write_adapter_dir
     from transformers import AutoModelForCausalLM
+
+    from rayft.rl.vllm_engine import write_adapter_dir
 
     state = {n: t * 1.5 for n, t in learner_state_dict(assets, str(lora_dir)).items()}
     out = write_adapter_dir(tmp_path / "v3", state, base_model=str(assets["model"]), lora_alpha=8)
