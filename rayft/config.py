@@ -282,6 +282,11 @@ class TrainingJobConfig(Strict):
             raise ValueError("finetune.init_adapter continues a LoRA adapter; it needs finetune.method lora or qlora")
         return self
 
+    def global_batch_size(self, world_size: int | None = None) -> int:
+        """Sequences (SFT) or pairs (DPO, reward models) per optimizer step across all workers."""
+        world = world_size or self.train.num_workers
+        return self.train.micro_batch_size * self.train.grad_accum * world
+
 
 class SFTConfig(TrainingJobConfig):
     data: DataConfig
@@ -291,11 +296,6 @@ class SFTConfig(TrainingJobConfig):
         if self.data.eval is None and self.data.eval_split is None and self.data.eval_fraction == 0:
             raise ValueError("no held-out data: set data.eval, data.eval_split or data.eval_fraction > 0")
         return self
-
-    def global_batch_size(self, world_size: int | None = None) -> int:
-        """Sequences per optimizer step across all workers."""
-        world = world_size or self.train.num_workers
-        return self.train.micro_batch_size * self.train.grad_accum * world
 
 
 PairFormat = Literal["auto", "explicit", "implicit"]
