@@ -33,9 +33,9 @@ def test_reward_model_separates_near_miss_pairs(rm_run):
     _, result = rm_run
     ev = {r["step"]: r for r in read_metrics(result.run_dir) if "eval_accuracy" in r}
     print(f"reward model held-out pairwise accuracy: {ev[0]['eval_accuracy']:.3f} at step 0 -> "
-          f"{ev[60]['eval_accuracy']:.3f} at step 60 (eval loss {ev[0]['eval_loss']:.4f} -> {ev[60]['eval_loss']:.4f})")
-    assert ev[60]["eval_accuracy"] >= 0.65
-    assert ev[60]["eval_loss"] < ev[0]["eval_loss"] - 0.05
+          f"{ev[150]['eval_accuracy']:.3f} at step 150 (eval loss {ev[0]['eval_loss']:.4f} -> {ev[150]['eval_loss']:.4f})")
+    assert ev[150]["eval_accuracy"] >= 0.65
+    assert ev[150]["eval_loss"] < ev[0]["eval_loss"] - 0.05
 
 
 def test_reward_model_artifact_loads_with_plain_peft_and_ranks_pairs(rm_run, assets):
