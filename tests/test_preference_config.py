@@ -61,3 +61,19 @@ def test_the_dpo_sweep_loads_and_selects_on_preference_error(monkeypatch):
         load_sweep(str(ROOT / "configs" / "sweep_tiny.yaml"), ["metric=eval_error"])
     with pytest.raises(ConfigError, match="dpo.loss_type"):
         load_sweep(str(ROOT / "configs" / "dpo_tiny_sweep.yaml"), ["search.space.dpo.loss_type={grid: [kto]}"])
+
+
+@pytest.mark.parametrize("job, overrides, message", [
+    ("dpo", ["dpo.beta=-1"], "dpo.beta: Input should be greater than 0"),
+    ("reward_model", ["data.truncation=left"], "data.truncation"),
+])
+def test_jobs_exit_2_with_one_line_naming_the_field(job, overrides, message, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"job_{job}", ROOT / "jobs" / f"{job}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = ROOT / "configs" / f"{job}_tiny.yaml"
+    assert module.main(["--config", str(config), *[a for o in overrides for a in ("--set", o)]]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
