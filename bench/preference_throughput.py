@@ -16,8 +16,9 @@ before training on both sides (``--precompute``). No packing on either side (ray
 
 **pairs/s** = pairs of the optimizer steps ``warmup+1 .. warmup+measure`` / the wall time from the end of step
 ``warmup`` to the end of step ``warmup+measure``, each end taken before that step's logging (rayft: the
-``time`` of its metrics records at ``logging_steps=1``, written after the step and before its report; TRL: a
-callback's ``on_step_end``, which runs before its logging), as in ``bench/sft_throughput.py``. Every run is a
+``time`` of its metrics records, written at logging steps after the step and before its report; TRL: a
+callback's ``on_step_end``, which runs before its logging), as in ``bench/sft_throughput.py``; both tools log
+every ``logging_steps`` (10), so the window holds the same number of reports on both sides. Every run is a
 fresh process; start-up is not in the window.
 
     python bench/preference_throughput.py                # ~15 min; writes bench/results/preference_throughput.{md,json}
@@ -52,8 +53,9 @@ class Job:
     out_dir: str
     pairs_per_step: int = 8
     max_seq_len: int = 256
-    warmup: int = 5
-    measure: int = 20
+    warmup: int = 10
+    measure: int = 30
+    logging_steps: int = 10  # both tools; warmup and measure are multiples of it (rayft reports at logging steps)
     precompute: bool = False
     lr: float = 1e-3
     seed: int = 0
@@ -63,7 +65,8 @@ class Job:
 
     @property
     def total_steps(self) -> int:
-        return self.warmup + self.measure
+        """One logging interval past the window: rayft evaluates at its last step, before that step's record."""
+        return self.warmup + self.measure + self.logging_steps
 
 
 def window(records: list[dict], start: int, end: int, pairs_per_step: int) -> dict:
@@ -102,7 +105,7 @@ def trl_run(job: Job) -> dict:
                   per_device_train_batch_size=c["per_device"], gradient_accumulation_steps=c["grad_accum"],
                   learning_rate=job.lr, lr_scheduler_type="cosine", weight_decay=0.0, max_grad_norm=1.0,
                   optim="adamw_torch", bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
-                  logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
+                  logging_steps=job.logging_steps, save_strategy="no", eval_strategy="no", report_to="none",
                   dataloader_pin_memory=False, seed=job.seed, max_length=job.max_seq_len, disable_dropout=True)
     if job.kind == "dpo":
         model = AutoModelForCausalLM.from_pretrained(job.model_dir, dtype=torch.float32, use_cache=False)
@@ -119,7 +122,7 @@ def trl_run(job: Job) -> dict:
         trainer = RewardTrainer(model=model, args=RewardConfig(**common), train_dataset=data, processing_class=tok,
                                 peft_config=lora, callbacks=[StepClock()])
     trainer.train()
-    return {"records": records, "measure": window(records, job.warmup, job.total_steps, job.pairs_per_step)}
+    return {"records": records, "measure": window(records, job.warmup, job.warmup + job.measure, job.pairs_per_step)}
 
 
 # -------------------------------------------------------------------------------------------------- rayft
@@ -142,7 +145,8 @@ def rayft_run(job: Job) -> dict:
         "data": {"train": job.train, "eval_fraction": 0.02, "max_seq_len": job.max_seq_len},
         "train": {"num_workers": job.workers, "cpus_per_worker": job.threads / job.workers, "micro_batch_size": micro,
                   "grad_accum": job.pairs_per_step // (micro * job.workers), "lr": job.lr, "lr_scheduler": "cosine",
-                  "weight_decay": 0.0, "max_grad_norm": 1.0, "max_steps": job.total_steps, "logging_steps": 1,
+                  "weight_decay": 0.0, "max_grad_norm": 1.0, "max_steps": job.total_steps,
+                  "logging_steps": job.logging_steps,
                   "eval_steps": 10**9, "save_steps": 10**9, "max_failures": 0, "seed": job.seed},
         "run": {"name": f"bench-{os.getpid()}", "storage_path": str(Path(job.out_dir) / "runs"),
                 "registry": str(Path(job.out_dir) / "adapters"), "progress": False},
@@ -152,7 +156,7 @@ def rayft_run(job: Job) -> dict:
     finally:
         ray.shutdown()
     records = [{"step": r["step"], "time": r["time"]} for r in read_metrics(result.run_dir) if "time" in r]
-    return {"records": records, "measure": window(records, job.warmup, job.total_steps, job.pairs_per_step),
+    return {"records": records, "measure": window(records, job.warmup, job.warmup + job.measure, job.pairs_per_step),
             "rayft": {"micro_batch_size": cfg.train.micro_batch_size, "grad_accum": cfg.train.grad_accum}}
 
 
@@ -232,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     train = write_jsonl(work / "pairs.jsonl", arithmetic_pref_rows(800, seed=3))
     repeats = 1 if args.quick else 3
     base = Job(kind="dpo", tool="trl", model_dir=str(model), train=str(train), out_dir=str(work),
-               precompute=args.precompute, **({"warmup": 2, "measure": 4} if args.quick else {}))
+               precompute=args.precompute, **({"warmup": 2, "measure": 4, "logging_steps": 2} if args.quick else {}))
     rep = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "repeats": repeats,
            "pairs_per_step": base.pairs_per_step, "warmup": base.warmup, "measure": base.measure,
            "precompute": args.precompute, "jobs": {k: bench(k, base, repeats) for k in args.jobs.split(",")}}
