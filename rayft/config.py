@@ -282,6 +282,11 @@ class TrainingJobConfig(Strict):
             raise ValueError("finetune.init_adapter continues a LoRA adapter; it needs finetune.method lora or qlora")
         return self
 
+    def global_batch_size(self, world_size: int | None = None) -> int:
+        """Sequences (SFT) or pairs (DPO, reward models) per optimizer step across all workers."""
+        world = world_size or self.train.num_workers
+        return self.train.micro_batch_size * self.train.grad_accum * world
+
 
 class SFTConfig(TrainingJobConfig):
     data: DataConfig
@@ -292,10 +297,109 @@ class SFTConfig(TrainingJobConfig):
             raise ValueError("no held-out data: set data.eval, data.eval_split or data.eval_fraction > 0")
         return self
 
-    def global_batch_size(self, world_size: int | None = None) -> int:
-        """Sequences per optimizer step across all workers."""
-        world = world_size or self.train.num_workers
-        return self.train.micro_batch_size * self.train.grad_accum * world
+
+PairFormat = Literal["auto", "explicit", "implicit"]
+
+
+class PreferenceDataConfig(Strict):
+    """Where preference pairs come from and how they are tokenized (DPO, reward models): :mod:`rayft.preference`.
+
+    **Row forms.** ``explicit``: ``prompt``, ``chosen`` and ``rejected`` columns, each a string or a list of
+    ``{role, content}`` messages (the prompt as user turns, the answers as assistant turns). ``implicit``:
+    ``chosen`` and ``rejected`` only, each a whole conversation; the prompt is their longest shared prefix of
+    messages. ``auto`` picks explicit when a row has a ``prompt`` column. ``columns`` renames first
+    (``{prompt: question}``); an optional ``margin`` column (a number) feeds the reward model's margin.
+
+    **Truncation** keeps a pair comparable: answers are never cut (a cut answer compares a shorter text).
+    ``cut_prompt`` drops tokens from the start of the shared prompt, the same on both sides, until the longer
+    sequence fits ``max_seq_len``, leaving at least ``min_prompt_tokens``; ``drop`` drops pairs that do not
+    fit. Dropped pairs are counted in the data statistics. Held-out sets follow the SFT rules (``eval`` file,
+    else ``eval_split``, else ``eval_fraction`` of train); there are no mixtures.
+    """
+
+    train: str = Field(min_length=1, description="Hub dataset id or local .jsonl/.json/.parquet file")
+    eval: str | None = Field(None, description="Held-out pairs; when absent, eval_fraction of train is held out")
+    test: str | None = Field(None, description="Final-report pairs, evaluated once after training")
+    train_split: str = "train"
+    eval_split: str | None = None
+    test_split: str | None = None
+    subset: str | None = Field(None, description="Hub dataset configuration name")
+    format: PairFormat = "auto"
+    columns: dict[str, str] = Field(default_factory=dict, description="rename columns, e.g. {prompt: question}")
+    chat_template: str | None = Field(None, description="Jinja template or path to one; default: the tokenizer's")
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    system_prompt: str | None = None
+    max_seq_len: int = Field(512, ge=8, description="tokens of each sequence (prompt + one answer)")
+    truncation: Literal["cut_prompt", "drop"] = "cut_prompt"
+    min_prompt_tokens: int = Field(16, ge=1, description="cut_prompt never leaves fewer prompt tokens than this")
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    max_examples: int | None = Field(None, ge=1, description="cap on the pairs kept from each source")
+    on_bad_row: Literal["error", "skip"] = "error"
+    seed: int = 0
+
+    def with_paths(self, fix: Callable[[str], str]) -> PreferenceDataConfig:
+        return self.model_copy(update={"train": fix(self.train), "eval": self.eval and fix(self.eval),
+                                       "test": self.test and fix(self.test)})
+
+
+class DPOSection(Strict):
+    """The DPO loss (Rafailov et al. 2023) and its variants; the maths is :mod:`rayft.preference_losses`."""
+
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
+        "sigmoid", description="sigmoid: DPO; ipo: Azar et al. 2023 (beta is its tau); hinge: SLiC; robust: "
+        "Chowdhury et al. 2024 (label_smoothing = the flip probability)")
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="robust only: probability a label is flipped")
+    sft_weight: float = Field(0.0, ge=0.0, description="weight of an NLL term on the chosen answer (0 = none)")
+    precompute_ref_logps: bool = Field(
+        False, description="compute the reference log-probs of each worker's training pairs once, before its "
+        "first update, instead of a reference forward at every step")
+
+    @model_validator(mode="after")
+    def _smoothing_needs_robust(self):
+        if self.label_smoothing and self.loss_type != "robust":
+            raise ValueError(f"label_smoothing applies to loss_type=robust (loss_type is {self.loss_type})")
+        return self
+
+
+class RewardSection(Strict):
+    center_coef: float = Field(0.0, ge=0.0, description="reward centring: + coef * mean (r_c + r_r)^2 "
+                               "(TRL's center_rewards_coefficient; 0.01 is the usual value)")
+
+
+def _check_held_out(data) -> None:
+    if data.eval is None and data.eval_split is None and data.eval_fraction == 0:
+        raise ValueError("no held-out data: set data.eval, data.eval_split or data.eval_fraction > 0")
+
+
+class DPOConfig(TrainingJobConfig):
+    """Direct preference optimisation of a causal LM; the reference is the starting policy (the engine's)."""
+
+    data: PreferenceDataConfig
+    dpo: DPOSection = DPOSection()
+    run: RunConfig = RunConfig(name="dpo")
+
+    @model_validator(mode="after")
+    def _cross_field(self):
+        _check_held_out(self.data)
+        return self
+
+
+class RewardModelConfig(TrainingJobConfig):
+    """A one-score sequence head trained with Bradley-Terry on preference pairs."""
+
+    data: PreferenceDataConfig
+    reward: RewardSection = RewardSection()
+    run: RunConfig = RunConfig(name="reward-model")
+
+    @model_validator(mode="after")
+    def _cross_field(self):
+        _check_held_out(self.data)
+        if self.finetune.init_adapter:
+            raise ValueError("finetune.init_adapter continues a causal-LM adapter, but a reward model has a score "
+                             "head: start from a model (an SFT adapter merged into its base, see "
+                             "rayft.dpo.merge_adapter) in model.name_or_path")
+        return self
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -4,6 +4,8 @@ its loss. The engine (:mod:`rayft.engine`) does everything else.
 * :class:`SFTObjective`: token cross-entropy on label tokens, normalised by the global label-token count.
 * :class:`PairwiseRewardObjective`: Bradley-Terry on (chosen, rejected) pairs for a sequence-score head
   (reward models), normalised by the global pair count.
+* :class:`DPOObjective`: the DPO family on pairs for the causal LM against the engine's reference policy,
+  normalised by the global pair count (maths: :mod:`rayft.preference_losses`).
 
 An objective that trains under Ray Train also carries its data (``data``: which micro-batches a worker uses
 at a step, and its held-out batches); one driven step by step by another process (the RL learner) is fed
@@ -13,7 +15,7 @@ batches instead and has ``data=None``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,6 +23,8 @@ import torch.nn.functional as F
 
 from rayft.data import IGNORE_INDEX, collate
 from rayft.engine import MicroBatch
+from rayft.preference import PairSet, collate_pairs
+from rayft.preference_losses import dpo_loss, sequence_logps
 from rayft.rowset import RowSet
 
 
@@ -151,9 +155,163 @@ class PairwiseRewardObjective:
 
     def eval_sums(self, engine, mb: MicroBatch) -> dict[str, float]:
         chosen, rejected, margin = self._rewards(engine, mb)
-        return {"loss_sum": float(bradley_terry_loss(chosen, rejected, margin).sum()),
-                "correct": float((chosen > rejected).sum()), "pairs": float(chosen.shape[0])}
+        valid = _valid(mb, chosen)
+        return {"loss_sum": float((bradley_terry_loss(chosen, rejected, margin) * valid).sum()),
+                "correct": float(((chosen > rejected) * valid).sum()), "pairs": float(valid.sum())}
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         pairs = max(sums["pairs"], 1.0)
         return {"eval_loss": sums["loss_sum"] / pairs, "eval_accuracy": sums["correct"] / pairs}
+
+
+# ------------------------------------------------------------------------------------------ preference pairs
+
+
+def pairs_batch(pairs: PairSet, pad_id: int) -> MicroBatch:
+    """Collated pairs (:func:`rayft.preference.collate_pairs`) with their token and pair counts."""
+    return MicroBatch(collate_pairs(pairs, pad_id), tokens=pairs.num_tokens(), samples=len(pairs))
+
+
+def _valid(mb: MicroBatch, like: torch.Tensor) -> torch.Tensor:
+    """1 for pairs that count, 0 for a held-out padding batch's (see :meth:`PairData._held_out`)."""
+    valid = mb.tensors.get("valid")
+    return torch.ones_like(like) if valid is None else valid.to(like.device, like.dtype)
+
+
+@dataclass
+class PairData:
+    """A worker's view of the preference pairs: the batch plan's pairs for a step, its eval (and test) shard,
+    and its shard of the whole train set (for reference log-probs computed once). Every worker runs the same
+    number of held-out forward passes (ZeRO-3 forwards are collective); a worker out of pairs runs a copy
+    marked ``valid = 0``."""
+
+    train: Any  # rayft.rowset.PlanShards over a PairSet
+    eval: Any  # rayft.rowset.EvalShards over a PairSet
+    n_eval: int
+    world: int
+    micro_batch_size: int
+    pad_id: int
+    test: Any = None
+    n_test: int = 0
+    train_all: Any = None  # EvalShards of the whole train PairSet (precomputed reference log-probs)
+    n_train: int = 0
+
+    def train_batches(self, step: int, rank: int) -> list[MicroBatch]:
+        return [pairs_batch(p, self.pad_id) for p in self.train.micro_batches(step, rank)]
+
+    def eval_batches(self, rank: int) -> list[MicroBatch]:
+        return self._held_out(self.eval, self.n_eval, rank)
+
+    def test_batches(self, rank: int) -> list[MicroBatch]:
+        return self._held_out(self.test, self.n_test, rank)
+
+    def reference_batches(self, rank: int) -> list[MicroBatch]:
+        return self._held_out(self.train_all, self.n_train, rank)
+
+    def _held_out(self, shards, n_pairs: int, rank: int) -> list[MicroBatch]:
+        shard, mbs = shards.shard(rank), self.micro_batch_size
+        out = []
+        for b in range(math.ceil(math.ceil(n_pairs / self.world) / mbs)):
+            part = shard[b * mbs:(b + 1) * mbs]
+            real = len(part) > 0
+            mb = pairs_batch(part if real else (shard if len(shard) else shards.shard(0))[:1], self.pad_id)
+            mb.tensors["valid"] = torch.full((mb.samples,), float(real))
+            out.append(mb)
+        return out
+
+
+@dataclass
+class DPOObjective:
+    """DPO-family loss on pairs against the engine's reference policy, / the global pair count.
+
+    A micro-batch is :func:`pairs_batch`'s: ``input_ids`` / ``attention_mask`` / ``response_mask`` ``[2B, T]``
+    (B chosen, then B rejected) and ``index`` ``[B]``. With ``precompute_ref`` the reference log-probs of
+    every training pair are computed once, before the first update (each worker scores its share of the
+    train set, then all-reduce), and looked up by ``index`` afterwards; otherwise the reference runs beside
+    the policy at every step. Held-out pairs always run the reference (it is not trained, only evaluated).
+
+    Metrics: ``loss``, ``rewards_chosen`` / ``rewards_rejected`` (``beta * log-ratio``), ``margin`` and
+    ``accuracy`` (chosen reward > rejected, TRL's ``rewards/accuracies``: 0 while policy = reference); held
+    out also ``eval_logp_accuracy``, the share of pairs where the policy itself gives the chosen answer the
+    higher log-probability (meaningful from step 0), and ``eval_error`` (1 - ``eval_accuracy``: what a sweep
+    minimises to select the most accurate trial).
+    """
+
+    data: Any = None
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    sft_weight: float = 0.0
+    precompute_ref: bool = False
+    head: str = "causal_lm"
+    needs_reference: bool = True
+    _ref_table: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def normaliser(self, mb: MicroBatch) -> float:
+        return mb.samples
+
+    @staticmethod
+    def _logps(forward, t: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = forward(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
+        return sequence_logps(logits, t["input_ids"], t["response_mask"])
+
+    def _reference(self, engine, t: dict, lookup: bool) -> torch.Tensor:
+        """Reference log-probs ``[2B]``: looked up in the precomputed table, else a reference forward."""
+        if lookup:
+            if self._ref_table is None:
+                self._ref_table = self.precompute(engine)
+            rows = self._ref_table[t["index"].cpu()]
+            return torch.cat([rows[:, 0], rows[:, 1]]).to(engine.device)
+        with torch.no_grad(), engine.reference() as ref_forward:
+            return self._logps(ref_forward, t)[0]
+
+    def precompute(self, engine) -> torch.Tensor:
+        """``[n_train, 2]`` reference log-probs (chosen, rejected) of every training pair, identical on every
+        worker: each scores its shard (in eval mode), the table is summed over workers."""
+        import torch.distributed as dist
+
+        table = torch.zeros(self.data.n_train, 2, dtype=torch.float64)
+        engine.ds.eval()
+        with torch.no_grad(), engine.reference() as ref_forward:
+            for mb in self.data.reference_batches(engine.rank):
+                t = mb.to(engine.device)
+                logps = self._logps(ref_forward, t)[0].double().cpu()
+                b, keep = len(logps) // 2, mb.tensors["valid"].bool()
+                idx = mb.tensors["index"][keep]
+                table[idx, 0], table[idx, 1] = logps[:b][keep], logps[b:][keep]
+        engine.ds.train()
+        if dist.is_initialized():
+            dist.all_reduce(table)  # gloo and NCCL both sum float64 on CPU / GPU tensors
+        return table.float()
+
+    def _terms(self, engine, mb: MicroBatch, lookup: bool):
+        t = mb.to(engine.device)
+        ref = self._reference(engine, t, lookup)  # first: no policy graph alive during reference forwards
+        policy, counts = self._logps(engine.forward, t)
+        b = policy.shape[0] // 2
+        return dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], beta=self.beta, loss_type=self.loss_type,
+                        label_smoothing=self.label_smoothing, chosen_tokens_B=counts[:b],
+                        rejected_tokens_B=counts[b:], sft_weight=self.sft_weight), policy.detach(), b
+
+    def loss(self, engine, mb: MicroBatch, normaliser: float) -> tuple[torch.Tensor, dict[str, float]]:
+        terms, _, _ = self._terms(engine, mb, lookup=self.precompute_ref)
+        loss = terms.loss_B.sum() / normaliser
+        c, r = terms.chosen_rewards_B, terms.rejected_rewards_B
+        return loss, {"loss": loss.item(), "rewards_chosen": float(c.sum()) / normaliser,
+                      "rewards_rejected": float(r.sum()) / normaliser, "margin": float((c - r).sum()) / normaliser,
+                      "accuracy": float((c > r).sum()) / normaliser}
+
+    def eval_sums(self, engine, mb: MicroBatch) -> dict[str, float]:
+        terms, policy, b = self._terms(engine, mb, lookup=False)  # held-out pairs are not in the table
+        c, r, valid = terms.chosen_rewards_B, terms.rejected_rewards_B, _valid(mb, terms.loss_B)
+        return {"loss_sum": float((terms.loss_B * valid).sum()), "chosen_sum": float((c * valid).sum()),
+                "rejected_sum": float((r * valid).sum()), "correct": float(((c > r) * valid).sum()),
+                "logp_correct": float(((policy[:b] > policy[b:]) * valid).sum()), "pairs": float(valid.sum())}
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        n = max(sums["pairs"], 1.0)
+        return {"eval_loss": sums["loss_sum"] / n, "eval_rewards_chosen": sums["chosen_sum"] / n,
+                "eval_rewards_rejected": sums["rejected_sum"] / n,
+                "eval_margin": (sums["chosen_sum"] - sums["rejected_sum"]) / n,
+                "eval_accuracy": sums["correct"] / n, "eval_error": 1.0 - sums["correct"] / n,
+                "eval_logp_accuracy": sums["logp_correct"] / n}

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rayft import artifacts
-from rayft.config import ConfigError, SFTConfig, dump_config, resolve_paths, save_config
+from rayft.config import ConfigError, SFTConfig, TrainingJobConfig, dump_config, resolve_paths, save_config
 from rayft.data import DataError
 from rayft.runs import (
     CONFIG_FILE,
@@ -60,7 +60,7 @@ class SFTResult:
     timings: dict = field(default_factory=dict)
 
 
-def make_plan(cfg: SFTConfig, lengths) -> tuple[Plan, int]:
+def make_plan(cfg: TrainingJobConfig, lengths) -> tuple[Plan, int]:
     """The batch plan and the run's length in optimizer steps; too few rows is a data error (driver-side)."""
     t = cfg.train
     plan = Plan(tuple(lengths), t.micro_batch_size, t.grad_accum, t.num_workers, t.seed)
@@ -105,7 +105,7 @@ def prepare(cfg: SFTConfig) -> Prepared:
     return put(*tokenize(cfg))
 
 
-def resolve_init_adapter(cfg: SFTConfig) -> str | None:
+def resolve_init_adapter(cfg: TrainingJobConfig) -> str | None:
     """``finetune.init_adapter`` as a directory: a registered name (its base must be this base model) or a
     PEFT adapter directory."""
     name = cfg.finetune.init_adapter
@@ -127,11 +127,28 @@ def build_trainer(cfg: SFTConfig, prepared: Prepared, *, callbacks: list | None 
     """A Ray Train ``TorchTrainer`` for this config. Re-creating it with the same run name and storage path
     resumes the run from its last checkpoint (Ray Train V2 semantics)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from rayft.objectives import SFTData, SFTObjective
     from rayft.rowset import EvalShards, PlanShards
+
+    t = cfg.train
+    plan, total_steps = make_plan(cfg, prepared.lengths)
+    rows = ray.get(prepared.rows_ref)  # flat numpy arrays: zero-copy views of the object store
+    data = SFTData(train=PlanShards.put(rows["train"], plan, total_steps),
+                   eval=EvalShards.put(rows["eval"], t.num_workers), n_eval=prepared.n_eval_rows,
+                   test=EvalShards.put(rows["test"], t.num_workers) if len(rows["test"]) else None,
+                   n_test=len(rows["test"]),
+                   world=t.num_workers, micro_batch_size=t.micro_batch_size, pad_id=prepared.pad_token_id)
+    return torch_trainer(cfg, prepared, SFTObjective(data), plan, total_steps, callbacks=callbacks, progress=progress)
+
+
+def torch_trainer(cfg: TrainingJobConfig, prepared: Prepared, objective, plan: Plan, total_steps: int, *,
+                  callbacks: list | None = None, progress=None):
+    """The ``TorchTrainer`` running :func:`rayft.train_loop.train_loop_per_worker` with ``objective`` (and
+    its data): what every Ray Train job (SFT, DPO, reward model) builds the same way."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     from rayft.train_loop import LoopConfig, train_loop_per_worker
 
     # Ray Train V2 workers hand each report to the controller through a one-slot queue that the controller
@@ -144,14 +161,7 @@ def build_trainer(cfg: SFTConfig, prepared: Prepared, *, callbacks: list | None 
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / DATA_STATS_FILE).write_text(json.dumps(prepared.stats, indent=2))
-    plan, total_steps = make_plan(cfg, prepared.lengths)
-    rows = ray.get(prepared.rows_ref)  # flat numpy arrays: zero-copy views of the object store
-    data = SFTData(train=PlanShards.put(rows["train"], plan, total_steps),
-                   eval=EvalShards.put(rows["eval"], t.num_workers), n_eval=prepared.n_eval_rows,
-                   test=EvalShards.put(rows["test"], t.num_workers) if len(rows["test"]) else None,
-                   n_test=len(rows["test"]),
-                   world=t.num_workers, micro_batch_size=t.micro_batch_size, pad_id=prepared.pad_token_id)
-    loop = LoopConfig(config=dump_config(cfg), config_cls=type(cfg), objective=SFTObjective(data),
+    loop = LoopConfig(config=dump_config(cfg), config_cls=type(cfg), objective=objective,
                       total_steps=total_steps, run_dir=str(run_dir), init_adapter=resolve_init_adapter(cfg),
                       pad_token_id=prepared.pad_token_id, progress=progress, epoch_of=plan.epoch_of)
     return TorchTrainer(
@@ -169,10 +179,11 @@ def build_trainer(cfg: SFTConfig, prepared: Prepared, *, callbacks: list | None 
     )
 
 
-def register_result(cfg: SFTConfig, result, *, name: str | None = None, source: dict | None = None,
-                    extra_metrics: dict | None = None) -> tuple[Path, dict]:
+def register_result(cfg: TrainingJobConfig, result, *, name: str | None = None, source: dict | None = None,
+                    extra_metrics: dict | None = None, job: str = "sft", kind: str | None = None) -> tuple[Path, dict]:
     """Copy the final adapter of a finished Ray Train result into the registry with its manifest (which
-    carries the run's data statistics)."""
+    carries the run's data statistics). ``kind`` defaults to adapter (LoRA) or full_model; ``job`` is the
+    job named in the manifest's source."""
     import shutil
 
     if result.error is not None:
@@ -191,7 +202,7 @@ def register_result(cfg: SFTConfig, result, *, name: str | None = None, source: 
         is_lora = cfg.finetune.method != "full"
         manifest = artifacts.Manifest(
             name=name or cfg.run.adapter_name or cfg.run.name,
-            kind="adapter" if is_lora else "full_model",
+            kind=kind or ("adapter" if is_lora else "full_model"),
             base_model=cfg.model.name_or_path,
             base_revision=cfg.model.revision,
             lora_rank=lora.r if is_lora else None,
@@ -200,7 +211,7 @@ def register_result(cfg: SFTConfig, result, *, name: str | None = None, source: 
             dataset={**cfg.data.model_dump(mode="json", include={"train", "eval", "test", "format"}), "stats": stats},
             config=dump_config(cfg),
             metrics=metrics,
-            source={"job": "sft", "run_name": cfg.run.name, "run_dir": str(run_dir), **(source or {})},
+            source={"job": job, "run_name": cfg.run.name, "run_dir": str(run_dir), **(source or {})},
         )
         path = artifacts.register(Path(ckpt) / FINAL_DIR, cfg.run.registry, manifest)
         if (Path(ckpt) / PROBE_FILE).exists():
@@ -208,7 +219,7 @@ def register_result(cfg: SFTConfig, result, *, name: str | None = None, source: 
     return path, metrics
 
 
-def plot_loss_curve(run_dir: Path, out: Path) -> Path | None:
+def plot_loss_curve(run_dir: Path, out: Path, ylabel: str = "token cross-entropy") -> Path | None:
     """Train and eval loss against step, as a PNG."""
     recs = read_metrics(run_dir)
     if not recs:
@@ -224,7 +235,7 @@ def plot_loss_curve(run_dir: Path, out: Path) -> Path | None:
     ev = [r for r in recs if r.get("eval_loss") is not None]
     ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="eval loss")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("token cross-entropy")
+    ax.set_ylabel(ylabel)
     ax.set_title(run_dir.name)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -234,7 +245,7 @@ def plot_loss_curve(run_dir: Path, out: Path) -> Path | None:
     return out
 
 
-def check_run(cfg: SFTConfig) -> Path:
+def check_run(cfg: TrainingJobConfig) -> Path:
     """The run directory, after refusing a resubmission whose config differs from its checkpoints'."""
     run_dir = run_dir_of(cfg)
     check_resume(cfg, run_dir)

@@ -30,7 +30,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from rayft.config import ConfigError, SFTConfig, Strict, TrainingJobConfig, dump_config, load_config, set_path
+from rayft.config import (
+    ConfigError,
+    DPOConfig,
+    SFTConfig,
+    Strict,
+    TrainingJobConfig,
+    dump_config,
+    load_config,
+    set_path,
+)
 
 # Fields that change what the driver tokenizes: searching them means every trial tokenizes on its own.
 TOKENIZATION_FIELDS = ("data.", "model.name_or_path", "model.revision", "model.trust_remote_code")
@@ -51,6 +60,10 @@ def _sft_total_steps(cfg: SFTConfig, rows: dict) -> int:
     return make_plan(cfg, rows["train"].lengths())[1]
 
 
+# Every job reports these; a job may add its own (always minimised: the sweep's Tune mode is "min").
+METRICS = ("eval_loss", "loss")
+
+
 @dataclass(frozen=True)
 class JobKind:
     """A training job the sweep can run. ``driver`` names a module (imported when the sweep runs, not when
@@ -61,10 +74,13 @@ class JobKind:
     config_cls: type[TrainingJobConfig]
     driver: str
     total_steps: Callable[[Any, dict], int]  # trial length from its config and the tokenized rows
+    metrics: tuple[str, ...] = METRICS  # what its sweeps may select on (minimised)
 
 
 JOBS: dict[str, JobKind] = {
     "sft": JobKind(SFTConfig, "rayft.sft", _sft_total_steps),
+    # eval_error = 1 - held-out preference accuracy (DPOObjective): selecting the lowest picks the most accurate
+    "dpo": JobKind(DPOConfig, "rayft.dpo", _sft_total_steps, metrics=("eval_error", *METRICS)),
 }
 
 
@@ -181,11 +197,19 @@ class SweepConfig(Strict):
     job: JobSource
     search: SearchConfig
     scheduler: SchedulerConfig = SchedulerConfig()
-    metric: Literal["eval_loss", "loss"] = Field(
-        "eval_loss", description="minimised: eval_loss (the job's held-out eval set) or loss (train loss of the "
-        "last logging window). A test set's test_loss is reported for finished trials, never selected on")
+    metric: str = Field(
+        "eval_loss", description="minimised: eval_loss (the job's held-out eval set), loss (train loss of the "
+        "last logging window), or a job's own (dpo: eval_error = 1 - held-out preference accuracy). A test "
+        "set's test_loss is reported for finished trials, never selected on")
     resources: ResourcesConfig = ResourcesConfig()
     run: SweepRunConfig = SweepRunConfig()
+
+    @model_validator(mode="after")
+    def _metric_of_the_job(self):
+        if self.metric not in self.job.job.metrics:
+            raise ValueError(f"metric {self.metric!r} is not reported by the {self.job.kind} job; choose one of "
+                             f"{', '.join(self.job.job.metrics)}")
+        return self
 
     @property
     def best_name(self) -> str:

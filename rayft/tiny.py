@@ -4,7 +4,7 @@
 * a tiny Qwen2-architecture causal LM (random init),
 * a synthetic arithmetic word-problem task with GSM8K-style ``#### <number>`` answers.
 
-    python -m rayft.tiny --out assets          # writes assets/tiny-model and assets/arith-{train,eval}.jsonl
+    python -m rayft.tiny --out assets   # assets/tiny-model, arith-{train,eval}.jsonl, arith-pref-{train,eval}.jsonl
 """
 
 from __future__ import annotations
@@ -167,6 +167,36 @@ def arithmetic_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def near_miss(target: int, rng: random.Random) -> int:
+    """A wrong answer 1-3 away from ``target`` with as many digits, so its length gives nothing away.
+
+    >>> r = random.Random(0); all(len(str(near_miss(t, r))) == len(str(t)) != 0 for t in range(1, 60))
+    True
+    """
+    options = [target + s * d for d in (1, 2, 3) for s in (1, -1)]
+    options = [o for o in options if o >= 0 and len(str(o)) == len(str(target))]
+    return rng.choice(options)
+
+
+def arithmetic_pref_rows(n: int, seed: int) -> list[dict]:
+    """``n`` preference pairs in the explicit conversational form: chosen is the right worked answer, rejected
+    the same text with the result off by 1-3 (same digits count) in both places it appears, so that neither
+    length nor format separates them: only the arithmetic does."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        p = arithmetic_problem(rng)
+        work = p["answer"].split(" = ")[0]
+        wrong = near_miss(p["target"], rng)
+        rows.append({
+            "prompt": [{"role": "user", "content": p["question"]}],
+            "chosen": [{"role": "assistant", "content": p["answer"]}],
+            "rejected": [{"role": "assistant", "content": f"{work} = {wrong}\n#### {wrong}"}],
+            "target": p["target"],
+        })
+    return rows
+
+
 def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,7 +214,10 @@ def build_assets(out: str | Path, n_train: int = 2000, n_eval: int = 200) -> dic
         save_tiny_model(model_dir)
     train = write_jsonl(out / "arith-train.jsonl", arithmetic_rows(n_train, seed=1))
     evaluation = write_jsonl(out / "arith-eval.jsonl", arithmetic_rows(n_eval, seed=2))
-    return {"model": model_dir, "train": train, "eval": evaluation}
+    pref_train = write_jsonl(out / "arith-pref-train.jsonl", arithmetic_pref_rows(n_train, seed=3))
+    pref_eval = write_jsonl(out / "arith-pref-eval.jsonl", arithmetic_pref_rows(n_eval, seed=4))
+    return {"model": model_dir, "train": train, "eval": evaluation, "pref_train": pref_train,
+            "pref_eval": pref_eval}
 
 
 def main() -> None:

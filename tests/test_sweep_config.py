@@ -61,8 +61,8 @@ def test_any_positive_rank_is_searched_and_real_numbers_are_not():
 
 
 def test_job_kind_and_its_shape():
-    with pytest.raises(ConfigError, match=r"job.kind: unknown job kind 'dpo'; the sweep runs sft"):
-        load_sweep(data={**sweep_dict({"train.lr": {"grid": [1e-3]}}), "job": {"kind": "dpo", "config": SFT_TINY}})
+    with pytest.raises(ConfigError, match=r"job.kind: unknown job kind 'ppo'; the sweep runs sft, dpo"):
+        load_sweep(data={**sweep_dict({"train.lr": {"grid": [1e-3]}}), "job": {"kind": "ppo", "config": SFT_TINY}})
     with pytest.raises(ConfigError, match=r"job.kind: required field is missing"):
         load_sweep(data={**sweep_dict({"train.lr": {"grid": [1e-3]}}), "job": {"config": SFT_TINY}})
     old = {"sft": {"config": SFT_TINY}, "search": {"algorithm": "grid", "space": {"train.lr": {"grid": [1e-3]}}}}
