@@ -184,3 +184,26 @@ def test_objectives_from_the_config():
     assert policy.needs_reference and policy.head == "causal_lm"
     assert (value.aggregation, value.value_clip, value.mask_truncated, value.head) == ("sequence", 0.5, True, "value")
     assert PolicyObjective.from_config(load_config(RLConfig, data=cfg.model_dump(mode="json"))) == policy  # dump round-trip
+
+
+def test_kl_to_the_reference_inside_the_loss_or_precomputed(dist_group, assets, tmp_path, rollout):
+    """After the policy moved, the KL term run inside the loss (the reference forward of every update) equals
+    the one from precomputed ``ref_logprobs``, and those are the starting policy's."""
+    engine = rl_engine(assets, tmp_path, "train.lr=0.05")
+    mb = policy_batch(**rollout, pad_id=PAD)
+    start = completion_logprobs(engine, mb, 0.9)
+    engine.step(PolicyObjective(temperature=0.9), [mb])  # beta 0: no reference needed to move
+    moved = completion_logprobs(engine, mb, 0.9)
+    assert (moved - start).abs().max() > 1e-2
+    ref = completion_logprobs(engine, mb, 0.9, reference=True)
+    torch.testing.assert_close(ref, start, atol=1e-5, rtol=1e-5)
+
+    objective = PolicyObjective(beta=0.2, kl_estimator="k2", temperature=0.9)
+    inside = objective.loss(engine, mb, 65.0)[1]
+    lists = [ref[i, len(p):len(p) + len(c)].tolist()
+             for i, (p, c) in enumerate(zip(rollout["prompt_ids"], rollout["completion_ids"], strict=True))]
+    given = objective.loss(engine, policy_batch(**rollout, ref_logprobs=lists, pad_id=PAD), 65.0)[1]
+    assert inside["kl_sum"] == pytest.approx(given["kl_sum"], rel=1e-5) and inside["kl_sum"] > 1e-4
+    expected_k2 = float((0.5 * (ref - moved) ** 2).sum())
+    assert inside["kl_sum"] == pytest.approx(expected_k2, rel=1e-4)
+    assert inside["kl_loss"] == pytest.approx(given["kl_loss"], rel=1e-5)
