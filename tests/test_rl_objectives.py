@@ -207,3 +207,29 @@ def test_kl_to_the_reference_inside_the_loss_or_precomputed(dist_group, assets, 
     expected_k2 = float((0.5 * (ref - moved) ** 2).sum())
     assert inside["kl_sum"] == pytest.approx(expected_k2, rel=1e-4)
     assert inside["kl_loss"] == pytest.approx(given["kl_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_a_step_lowers_the_surrogate_loss(dist_group, assets, tmp_path, rollout, aggregation):
+    """One update against fixed old logprobs lowers the clipped surrogate (the sign of the whole chain:
+    logprobs, ratio, aggregation, engine step); with token aggregation, where every token weighs the same,
+    each completion's mean logprob also moves the way its advantage says."""
+    engine = rl_engine(assets, tmp_path, "train.lr=0.002")  # small: Adam's first step is lr * sign(grad)
+    rollout = {k: v for k, v in rollout.items() if k != "rollout_logprobs"}  # no IS weights: plain surrogate
+    mb = policy_batch(**rollout, pad_id=PAD)
+    mask = mb.tensors["completion_mask"].float()
+    before = completion_logprobs(engine, mb)
+    old = [before[i, len(p):len(p) + len(c)].tolist()
+           for i, (p, c) in enumerate(zip(rollout["prompt_ids"], rollout["completion_ids"], strict=True))]
+    fixed = policy_batch(**rollout, old_logprobs=old, pad_id=PAD)
+    objective = PolicyObjective(aggregation=aggregation)
+    norm = objective.normaliser(fixed)
+    loss_before = objective.loss(engine, fixed, norm)[1]["loss"]
+    engine.step(objective, [fixed])
+    loss_after = objective.loss(engine, fixed, norm)[1]["loss"]
+    # at the old policy the ratio is 1: the loss is minus the aggregated advantages
+    assert loss_before == pytest.approx(-(18.4 / 65 if aggregation == "token" else 1.8 / 4), rel=1e-5)
+    assert loss_after < loss_before - 0.1 * abs(loss_before), (loss_before, loss_after)
+    if aggregation == "token":
+        change = ((completion_logprobs(engine, mb) - before).sum(1) / mask.sum(1)).tolist()
+        assert [c > 0 for c in change] == [a > 0 for a in rollout["advantages"]], change
