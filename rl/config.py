@@ -170,7 +170,8 @@ class RoleConfig(Strict):
 
 class RolloutRoleConfig(RoleConfig):
     engine: Literal["transformers", "vllm"] = "transformers"
-    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM's share of its GPU")
+    options: dict[str, Any] = Field(default_factory=dict, description="the engine's own options (rl/rollout.py "
+                                    "RolloutSpec.options: vLLM's gpu_memory_utilization, max_model_len, ...)")
 
 
 class LearnerRoleConfig(Strict):
