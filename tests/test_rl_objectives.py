@@ -97,8 +97,10 @@ def test_policy_loss_does_not_depend_on_the_micro_batch_split(dist_group, assets
     objective = PolicyObjective(aggregation=aggregation, beta=beta, mask_truncated=True, temperature=0.8,
                                 dual_clip=3.0)
     engines, metrics = {}, {}
+    # "fed": two micro-batches into an engine configured for one (grad_accum=1), as the RL learner feeds a
+    # varying count; the engine then marks the accumulation boundary itself
     for name, gas, parts in (("whole", 1, [slice(0, 4)]), ("split", 2, [slice(0, 1), slice(1, 4)]),
-                             ("wrong", 2, [slice(0, 1), slice(1, 4)])):
+                             ("fed", 1, [slice(0, 1), slice(1, 4)]), ("wrong", 2, [slice(0, 1), slice(1, 4)])):
         engines[name] = rl_engine(assets, tmp_path / name, f"train.grad_accum={gas}")
         obj = PerMicroBatchMean(**vars(objective)) if name == "wrong" else objective
         batches = [policy_batch(**_slice(r, s), pad_id=PAD) for s in parts]
@@ -106,6 +108,8 @@ def test_policy_loss_does_not_depend_on_the_micro_batch_split(dist_group, assets
     whole, split = metrics["whole"], metrics["split"]
     assert split["loss"] == pytest.approx(whole["loss"], rel=1e-6)
     assert engines["split"].grad_norm() == pytest.approx(engines["whole"].grad_norm(), rel=1e-5)
+    assert metrics["fed"]["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+    assert engines["fed"].grad_norm() == pytest.approx(engines["whole"].grad_norm(), rel=1e-5)
     # the per-micro-batch mean weighs the lone short sequence (token) or sequence (sequence) up: another loss
     assert abs(metrics["wrong"]["loss"] - whole["loss"]) > 0.1 * abs(whole["loss"])
     if aggregation == "token":
