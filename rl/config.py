@@ -170,7 +170,8 @@ class RoleConfig(Strict):
 
 class RolloutRoleConfig(RoleConfig):
     engine: Literal["transformers", "vllm"] = "transformers"
-    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM's share of its GPU")
+    options: dict[str, Any] = Field(default_factory=dict, description="the engine's own options (rl/rollout.py "
+                                    "RolloutSpec.options: vLLM's gpu_memory_utilization, max_model_len, ...)")
 
 
 class LearnerRoleConfig(Strict):
@@ -260,6 +261,11 @@ class RLConfig(TrainingJobConfig):
         """How many policy versions behind the learner a rollout batch may be: weights reach the rollout
         engines every ``sync.every`` steps, and a pipelined step samples before the current one is learned."""
         return (self.sync.every - 1) + (self.pipeline.max_staleness if self.pipeline.enabled else 0)
+
+    def global_batch_size(self, world_size: int | None = None) -> int:
+        """Sequences per optimiser step as DeepSpeed's config states them (the engine reads it); an RL step
+        feeds its own count of micro-batches and marks the accumulation boundary itself."""
+        return self.train.micro_batch_size * self.train.grad_accum * (world_size or self.train.num_workers)
 
     def completions_per_step(self) -> int:
         return self.sampling.prompts_per_step * self.sampling.group_size

@@ -56,6 +56,17 @@ def zero_variance_groups(rewards_B: torch.Tensor, group_size: int) -> torch.Tens
     return (r_GN.max(dim=1).values - r_GN.min(dim=1).values) == 0
 
 
+def informative_completions(rewards_B: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Indices ``[K]`` of the completions in groups with differing rewards: what is left after dropping the
+    zero-variance groups (DAPO's dynamic sampling, without its resampling).
+
+    >>> informative_completions(torch.tensor([1.0, 1.0, 0.0, 1.0]), 2).tolist()
+    [2, 3]
+    """
+    keep_G = ~zero_variance_groups(rewards_B, group_size)
+    return keep_G.repeat_interleave(group_size).nonzero(as_tuple=True)[0]
+
+
 def gae(rewards_BT: torch.Tensor, values_BT: torch.Tensor, mask_BT: torch.Tensor, *, gamma: float = 1.0,
         lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016) over the masked tokens of each sequence:
@@ -154,6 +165,27 @@ def entropy_from_logits(logits_BTV: torch.Tensor, temperature: float = 1.0) -> t
         logits = logits / temperature
     logp = F.log_softmax(logits, dim=-1)
     return F.pad(-(logp.exp() * logp).sum(-1), (1, 0))
+
+
+def masked_token_logprobs(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor, mask_BT: torch.Tensor,
+                          temperature: float = 1.0, *, with_entropy: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`token_logprobs` (and, detached, :func:`entropy_from_logits`) at the masked positions only, 0
+    elsewhere: the float32 log-softmax over the vocabulary is built for the ``N`` completion tokens, not for
+    all ``B * T`` positions (with a 150k vocabulary that is gigabytes per micro-batch)."""
+    sel = mask_BT[:, 1:].bool()
+    rows_NV = logits_BTV[:, :-1][sel].float()
+    if temperature != 1.0:
+        rows_NV = rows_NV / temperature
+    logp_NV = F.log_softmax(rows_NV, dim=-1)
+    lp_N = torch.gather(logp_NV, 1, input_ids_BT[:, 1:][sel][:, None]).squeeze(1)
+    zeros = torch.zeros(sel.shape, dtype=torch.float32, device=logits_BTV.device)
+    lp_BT = F.pad(zeros.masked_scatter(sel, lp_N), (1, 0))
+    if not with_entropy:
+        return lp_BT, None
+    with torch.no_grad():
+        ent_N = -(logp_NV.exp() * logp_NV).sum(-1)
+    return lp_BT, F.pad(zeros.masked_scatter(sel, ent_N), (1, 0))
 
 
 @dataclass

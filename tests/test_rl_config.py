@@ -25,6 +25,8 @@ def test_defaults_and_derived_values():
     ppo = load("algorithm=ppo", "sampling.group_size=1", "loss.beta=0.05", "sync.every=2",
                "pipeline.enabled=true", "pipeline.max_staleness=2")
     assert ppo.needs_reference() and ppo.max_staleness() == 3
+    gpu = load("train.use_gpu=true", "roles.rollout.engine=vllm", "roles.rollout.options={gpu_memory_utilization: 0.4}")
+    assert gpu.roles.rollout.options == {"gpu_memory_utilization": 0.4}
     rewards = load("rewards=[{name: correctness}, {name: mine, function: 'pkg.mod:score', weight: 0.5},"
                    " {name: rm, reward_model: tiny-rm, kwargs: {batch_size: 4}}]").rewards
     assert [(r.name, r.weight, r.function, r.reward_model) for r in rewards] == [

@@ -131,6 +131,18 @@ def test_truncated_importance_weights_and_logprobs_and_entropy():
     assert ent[0, 2].item() < math.log(4)
 
 
+def test_masked_logprobs_equal_the_full_computation_on_the_mask():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 11, requires_grad=True)
+    ids = torch.randint(0, 11, (3, 7))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0]])
+    lp, ent = L.masked_token_logprobs(logits, ids, mask, 0.6, with_entropy=True)
+    torch.testing.assert_close(lp, L.token_logprobs(logits, ids, 0.6) * mask)
+    torch.testing.assert_close(ent, L.entropy_from_logits(logits.detach(), 0.6) * mask)
+    lp.sum().backward()
+    assert logits.grad[2].abs().sum() == 0 and logits.grad[0, 1].abs().sum() > 0  # position 1 predicts token 2
+
+
 def test_metrics_from_sums():
     ratios = torch.tensor([[1.5, 0.5, 1.0, 9.0]])
     adv = torch.tensor([[1.0, -1.0, 1.0, 1.0]])
