@@ -155,7 +155,7 @@ class Roles:
         finetune["init_adapter"] = None
         spec = RolloutSpec(model=cfg.model.model_dump(mode="json"), finetune=finetune, engine=r.engine,
                            adapter=init_adapter, chat_template=cfg.prompts.chat_template,
-                           options={"gpu_memory_utilization": r.gpu_memory_utilization} if r.engine == "vllm" else {})
+                           options=dict(r.options))
         self.weights_ref, self.synced_version = None, 0
         self.rollout = ActorPool(RolloutWorker, r.num, role="rollout", num_cpus=r.cpus, num_gpus=r.gpus,
                                  timeout_s=r.timeout_s, retries=r.retries, init_args=(spec,), env=env,

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from rayft.rl import losses as L
 
 from rayft.engine import MicroBatch
+from rayft.rl import losses as L
 
 # ------------------------------------------------------------------------------------------------ batches
 

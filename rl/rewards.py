@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rayft.rl.records import RewardResult
-
 from rayft.config import ConfigError
+from rayft.rl.records import RewardResult
 
 RewardFn = Callable[..., list[float]]
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from rayft.rl.config import RLConfig
-from rayft.rl.records import Sampling
 
 from rayft.config import ConfigError, load_config
+from rayft.rl.config import RLConfig
+from rayft.rl.records import Sampling
 
 BASE = {"model": {"name_or_path": "tiny"}, "prompts": {"source": "arith.jsonl", "eval_size": 32}}
 

@@ -8,6 +8,9 @@ import socket
 
 import pytest
 import torch
+
+from rayft.config import load_config
+from rayft.engine import Engine
 from rayft.rl.config import RLConfig
 from rayft.rl.objectives import (
     PolicyObjective,
@@ -16,9 +19,6 @@ from rayft.rl.objectives import (
     completion_values,
     policy_batch,
 )
-
-from rayft.config import load_config
-from rayft.engine import Engine
 
 PAD = 0
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from rayft.rl import rewards as R
 
 from rayft.config import ConfigError
+from rayft.rl import rewards as R
 
 
 @pytest.mark.parametrize("text,strict,expected", [
