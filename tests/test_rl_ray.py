@@ -118,3 +118,22 @@ def test_a_hung_reward_actor_is_retried_then_named_in_the_error(assets, ray_loca
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_ppo_with_several_updates_per_batch_learns_a_dense_reward(assets, ray_local, tmp_path, tiny_sft):
+    """PPO: a critic with a per-token value head, GAE, 2 epochs x 2 mini-batches per rollout batch (so ratios
+    move away from 1 and clipping acts). On a dense reward (the share of digits) the reward rises and the
+    critic's loss falls."""
+    from rayft.rl.controller import run_rl
+
+    cfg = rl_config(assets, tmp_path, tiny_sft, "ppo", [
+        *SHORT, "algorithm=ppo", "train.max_steps=8", "train.save_steps=100", "update.epochs=2",
+        "update.mini_batches=2", "train.lr=2e-3", "ppo.critic_lr=2e-3"])
+    result = run_rl(cfg)
+    recs = [r for r in _records(result.run_dir) if "reward" in r]
+    first, last = recs[:2], recs[-2:]
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    assert mean(last, "reward") > mean(first, "reward") + 0.05, [round(r["reward"], 3) for r in recs]
+    assert mean(last, "value_loss") < mean(first, "value_loss"), [round(r["value_loss"], 4) for r in recs]
+    assert max(r["clip_frac_low"] + r["clip_frac_high"] for r in recs) > 0
+    assert result.metrics["step"] == 8 and (result.adapter_dir / "adapter_model.safetensors").exists()
