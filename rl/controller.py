@@ -122,6 +122,29 @@ def to_micro_batch(chunk: list[Sequence] | None, filler: Sequence, pad_id: int):
 
 # ------------------------------------------------------------------------------------------------- roles
 
+def check_resources(cfg: RLConfig) -> None:
+    """On a local Ray (no autoscaler to add nodes), roles that cannot all be placed would wait forever for
+    CPUs: refuse up front, naming the fields."""
+    import os
+
+    import ray
+
+    from rayft.config import ConfigError
+
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    t, r, w = cfg.train, cfg.roles.rollout, cfg.roles.reward
+    learners = 2 if cfg.algorithm == "ppo" else 1
+    need = learners * t.num_workers * t.cpus_per_worker + r.num * r.cpus + w.num * w.cpus
+    have = ray.cluster_resources().get("CPU", 0)
+    if need > have + 1e-9:
+        raise ConfigError(
+            f"the RL roles need {need:g} CPUs but this Ray has {have:g}: learner train.num_workers x "
+            f"train.cpus_per_worker{' (twice: PPO has a critic)' if learners == 2 else ''} "
+            f"= {learners * t.num_workers * t.cpus_per_worker:g}, roles.rollout.num x cpus = {r.num * r.cpus:g}, "
+            f"roles.reward.num x cpus = {w.num * w.cpus:g}; lower them or start Ray with more CPUs (--num-cpus)")
+
+
 class Roles:
     """The run's actors: learner group (and PPO critic group), rollout pool, reward pool."""
 
@@ -135,6 +158,7 @@ class Roles:
 
         t = cfg.train
         gpus = 1 if t.use_gpu else 0
+        check_resources(cfg)
         env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(1, int(t.cpus_per_worker)))}
         learner_args = (cfg.model_dump(mode="json"), RLConfig, "causal_lm", total_updates)
         self.learner = ActorGroup(

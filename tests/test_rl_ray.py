@@ -105,6 +105,15 @@ def test_a_rollout_batch_from_a_stale_policy_is_refused(assets, ray_local, tmp_p
         run_rl(cfg, on_step=lose_sync)
 
 
+def test_roles_that_do_not_fit_the_local_ray_are_refused_naming_the_fields(assets, ray_local, tmp_path, tiny_sft):
+    from rayft.config import ConfigError
+    from rayft.rl.controller import run_rl
+
+    cfg = rl_config(assets, tmp_path, tiny_sft, "too-big", [*SHORT, "algorithm=ppo"])  # 1 + 1 + 1 CPUs of 2
+    with pytest.raises(ConfigError, match=r"the RL roles need 3 CPUs but this Ray has 2: .*PPO has a critic"):
+        run_rl(cfg)
+
+
 def test_a_hung_reward_actor_is_retried_then_named_in_the_error(assets, ray_local, tmp_path, tiny_sft):
     from rayft.rl.controller import run_rl
     from rayft.rl.pool import RoleError
@@ -127,7 +136,8 @@ def test_ppo_with_several_updates_per_batch_learns_a_dense_reward(assets, ray_lo
     from rayft.rl.controller import run_rl
 
     cfg = rl_config(assets, tmp_path, tiny_sft, "ppo", [
-        *SHORT, "algorithm=ppo", "train.max_steps=8", "train.save_steps=100", "update.epochs=2",
+        *SHORT, "algorithm=ppo", "train.cpus_per_worker=0.5", "train.max_steps=8", "train.save_steps=100",
+        "update.epochs=2",
         "update.mini_batches=2", "train.lr=2e-3", "ppo.critic_lr=2e-3"])
     result = run_rl(cfg)
     recs = [r for r in _records(result.run_dir) if "reward" in r]
