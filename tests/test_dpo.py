@@ -5,8 +5,6 @@ the precomputed table holds what the reference forward gives."""
 from __future__ import annotations
 
 import math
-import os
-import socket
 from dataclasses import dataclass
 
 import pytest
@@ -15,20 +13,6 @@ from conftest import ROOT
 
 from rayft.engine import Engine
 from rayft.objectives import DPOObjective, PairData, pairs_batch
-
-
-@pytest.fixture(scope="module")
-def dist_group():
-    import deepspeed
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    yield
 
 
 @pytest.fixture(scope="module")

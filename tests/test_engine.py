@@ -3,29 +3,12 @@ config says, global-token normalisation, the reference policy in its three forms
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 from conftest import tiny_sft_config
 
 from rayft.engine import Engine, MicroBatch
 from rayft.objectives import SFTObjective, rows_batch
-
-
-@pytest.fixture(scope="module")
-def dist_group():
-    import deepspeed
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    yield
 
 
 @pytest.fixture(scope="module")
