@@ -125,9 +125,6 @@ def test_a_hung_reward_actor_is_retried_then_named_in_the_error(assets, ray_loca
         run_rl(cfg)
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
-
 
 def test_ppo_with_several_updates_per_batch_learns_a_dense_reward(assets, ray_local, tmp_path, tiny_sft):
     """PPO: a critic with a per-token value head, GAE, 2 epochs x 2 mini-batches per rollout batch (so ratios
@@ -147,3 +144,31 @@ def test_ppo_with_several_updates_per_batch_learns_a_dense_reward(assets, ray_lo
     assert mean(last, "value_loss") < mean(first, "value_loss"), [round(r["value_loss"], 4) for r in recs]
     assert max(r["clip_frac_low"] + r["clip_frac_high"] for r in recs) > 0
     assert result.metrics["step"] == 8 and (result.adapter_dir / "adapter_model.safetensors").exists()
+
+
+def test_pipelined_rollouts_are_one_version_behind_and_reweighted(assets, ray_local, tmp_path, tiny_sft):
+    """Pipelined mode: step k+1's rollouts are generated while step k trains, by the policy one version
+    behind the learner (never more: ``pipeline.max_staleness=1``). The learner sees the mismatch between its
+    logprobs and the rollout's and reweighs by the truncated importance ratio; an unpipelined run has neither."""
+    from rayft.rl.controller import run_rl
+
+    quiet = [*SHORT, "train.save_steps=100"]
+    piped = run_rl(rl_config(assets, tmp_path, tiny_sft, "piped", [*quiet, "pipeline.enabled=true",
+                                                                   "pipeline.max_staleness=1"]))
+    plain = run_rl(rl_config(assets, tmp_path, tiny_sft, "plain", quiet))
+    p = [r for r in _records(piped.run_dir) if "reward" in r]
+    q = [r for r in _records(plain.run_dir) if "reward" in r]
+    assert [r["staleness"] for r in p] == [0, 1, 1, 1] and [r["staleness"] for r in q] == [0, 0, 0, 0]
+    assert [r["policy_version"] for r in p] == [0, 0, 1, 2]
+    # the same first step; then the stale batches' logprobs differ from the learner's by far more than the
+    # numerical gap of a fresh batch, and the importance weights move off 1
+    assert p[0]["reward"] == pytest.approx(q[0]["reward"], abs=1e-9)
+    fresh_gap = max(r["logprob_gap"] for r in q)
+    assert fresh_gap < 1e-3, fresh_gap
+    assert min(r["logprob_gap"] for r in p[1:]) > 10 * fresh_gap, [r["logprob_gap"] for r in p]
+    assert all(abs(r["is_weight_mean"] - 1) > 1e-4 for r in p[1:]), [r["is_weight_mean"] for r in p]
+    assert all(abs(r["is_weight_mean"] - 1) < 1e-3 for r in q), [r["is_weight_mean"] for r in q]
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
