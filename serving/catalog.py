@@ -154,7 +154,8 @@ def served_adapter(registry: str | Path, name: str, base: BaseInfo, version: str
     adapter_cfg = read_adapter_config(path) if manifest.kind == "adapter" else {}
     check_adapter(manifest, adapter_cfg, base)
     return ServedModel(id=name, base=base.id, path=path, version=manifest.version or path.name, manifest=manifest,
-                       rank=adapter_cfg.get("r", manifest.lora_rank), created=int(path.stat().st_mtime))
+                       rank=adapter_cfg.get("r", manifest.lora_rank), base_model=manifest.base_model,
+                       created=int(path.stat().st_mtime))
 
 
 class Catalog:
