@@ -83,7 +83,11 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, base_model: s
     model = model.to(target)
     model.config.use_cache = True  # training saves use_cache=False; a served model wants its KV cache
     model.save_pretrained(out_dir, safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=trust_remote_code).save_pretrained(out_dir)
+    # the adapter's own tokenizer files carry the chat template it was trained with; an adapter saved without
+    # them (plain PEFT) takes the base's
+    tok_dir = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").exists() else base
+    AutoTokenizer.from_pretrained(tok_dir, revision=None if tok_dir != base else revision,
+                                  trust_remote_code=trust_remote_code).save_pretrained(out_dir)
     return Path(out_dir)
 
 

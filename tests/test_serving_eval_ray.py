@@ -126,3 +126,42 @@ def test_eval_job_names_the_field_for_a_wrong_key_and_an_unserved_model(assets, 
         assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
         assert len([ln for ln in p.stderr.splitlines() if needle in ln]) == 1, p.stderr[-3000:]
         assert not (tmp_path / "out").exists()
+
+
+def test_eval_job_over_the_completions_api_with_a_judge(assets, server, tmp_path):
+    """Text prompts sent as they are to /v1/completions (the in-process model sees the same text), and every
+    answer judged through the same endpoint (the tiny base as a stand-in judge): each judge reply is recorded,
+    and the score is what the parser reads from it, or counted as unparsed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rayft.serving.evaluation import parse_judge_score
+
+    base_url = server[0]
+    rows = [json.loads(line) for line in Path(assets["eval"]).read_text().splitlines()[:4]]
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps({"question": r["messages"][0]["content"], "target": r["target"]}) + "\n"
+                            for r in rows))
+    out = tmp_path / "out"
+    sets = [f"endpoint.base_url={base_url}", "endpoint.api_key_env=RAYFT_EVAL_KEY", "models=[tiny-model]",
+            f"data.source={data}", "data.prompt=question", "generation.api=completions",
+            f"generation.max_tokens={MAX_TOKENS}", "judge.model=tiny-model", "judge.max_tokens=8", f"output.dir={out}"]
+    p = subprocess.run([sys.executable, str(ROOT / "jobs" / "eval.py"), "--config", "configs/eval_tiny.yaml",
+                        *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, timeout=300,
+                       cwd=ROOT, env={**os.environ, "RAYFT_EVAL_KEY": KEY})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+    tok = AutoTokenizer.from_pretrained(str(assets["model"]))
+    model = AutoModelForCausalLM.from_pretrained(str(assets["model"]), dtype=torch.float32).eval()
+    stop = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+    served = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert len(served) == 4
+    for r, rec in zip(rows, served, strict=True):
+        x = torch.tensor([tok(r["messages"][0]["content"], add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=MAX_TOKENS,
+                               eos_token_id=stop, pad_token_id=tok.pad_token_id)
+        assert rec["text"].strip() == tok.decode(y[0, x.shape[1]:], skip_special_tokens=True).strip()
+        assert rec["judge_reply"] and not rec["judge_reply"].startswith("judge request failed")
+        assert rec["judge_score"] == parse_judge_score(rec["judge_reply"], 1, 10)
+    row = next(csv.DictReader((out / "results.csv").open()))
+    assert int(row["judge_unparsed"]) == sum(rec["judge_score"] is None for rec in served)

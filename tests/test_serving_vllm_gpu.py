@@ -57,3 +57,18 @@ def test_an_adapter_above_the_running_rank_is_refused_naming_the_setting(assets,
         served.add_adapter("wide@v1", tmp_path)
     with pytest.raises(KeyError):
         served.lora_request("wide@v1")
+
+
+def test_vllm_loads_the_merged_export_and_gives_the_adapters_tokens(assets, lora_dir, served, tmp_path):  # noqa: F811
+    """The merged export is a plain model to vLLM: served as a base, it answers as the adapter does."""
+    from rayft import artifacts
+    from rayft.serving.export import ExportConfig, export_adapter
+
+    artifacts.register(lora_dir, tmp_path / "reg", artifacts.Manifest(name="tiny-lora", kind="adapter",
+                                                                      base_model=str(assets["model"]), lora_rank=4))
+    out = export_adapter(ExportConfig(adapter="tiny-lora", registry=str(tmp_path / "reg"), out=str(tmp_path / "m")))
+    prompts = chat_prompts(served.tokenizer, QUESTIONS)
+    with_adapter = asyncio.run(served.generate(prompts, max_tokens=16, temperature=0.0, load_id="tiny-lora@v1"))
+    merged = VLLMServingEngine({"name_or_path": str(out.out_dir), "dtype": "fp32"}, SECTION)
+    got = asyncio.run(merged.generate(prompts, max_tokens=16, temperature=0.0))
+    assert [c.token_ids for c in got] == [c.token_ids for c in with_adapter]
