@@ -170,7 +170,7 @@ def sampling_kwargs(*, max_tokens: int, temperature: float = 1.0, top_p: float =
     >>> sampling_kwargs(max_tokens=8, temperature=0, stop=["\\n"], stop_token_ids={2})["stop_token_ids"]
     [2]
     """
-    if temperature < 0 or not 0 < top_p <= 1 or max_tokens < 0:
+    if temperature < 0 or not 0 < top_p <= 1 or max_tokens < 1:  # vLLM generates at least one token
         raise ValueError(f"bad sampling: temperature={temperature}, top_p={top_p}, max_tokens={max_tokens}")
     out: dict[str, Any] = dict(n=1, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
                                max_tokens=max_tokens, seed=seed, stop=list(stop or []),

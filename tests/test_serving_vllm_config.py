@@ -103,3 +103,5 @@ def test_sampling_kwargs():
     assert sampling_kwargs(max_tokens=1, temperature=0.7, top_p=0.9, prompt_logprobs=1)["prompt_logprobs"] == 1
     with pytest.raises(ValueError, match="top_p=0"):
         sampling_kwargs(max_tokens=4, temperature=1.0, top_p=0)
+    with pytest.raises(ValueError, match="max_tokens=0"):
+        sampling_kwargs(max_tokens=0)

@@ -27,6 +27,14 @@ def model_cfg(assets) -> dict:
 
 
 @pytest.fixture(scope="module")
+def loop():
+    """One event loop for the module: vLLM's async engine keeps its output task on the loop it started on."""
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
 def served(assets, lora_dir):  # noqa: F811
     return VLLMServingEngine(model_cfg(assets), SECTION, {"tiny-lora@v1": lora_dir})
 
@@ -35,11 +43,11 @@ def test_rank_chosen_from_the_registered_adapters(served):
     assert served.max_lora_rank == 8  # the r=4 adapter: the smallest setting that loads it
 
 
-def test_greedy_tokens_with_and_without_the_adapter_equal_the_cpu_engine(assets, lora_dir, served):  # noqa: F811
+def test_greedy_tokens_with_and_without_the_adapter_equal_the_cpu_engine(assets, lora_dir, served, loop):  # noqa: F811
     prompts = chat_prompts(served.tokenizer, QUESTIONS)
     greedy = Sampling(temperature=0, max_tokens=16)
     for load_id, adapter in ((None, None), ("tiny-lora@v1", str(lora_dir))):
-        got = asyncio.run(served.generate(prompts, max_tokens=16, temperature=0.0, load_id=load_id))
+        got = loop.run_until_complete(served.generate(prompts, max_tokens=16, temperature=0.0, load_id=load_id))
         ref = TransformersEngine(model_cfg(assets), adapter=adapter)
         want = [g[0] for g in ref.generate(prompts, greedy, [[0]] * len(prompts))]
         assert [c.token_ids for c in got] == [c.token_ids for c in want], load_id
@@ -59,7 +67,7 @@ def test_an_adapter_above_the_running_rank_is_refused_naming_the_setting(assets,
         served.lora_request("wide@v1")
 
 
-def test_vllm_loads_the_merged_export_and_gives_the_adapters_tokens(assets, lora_dir, served, tmp_path):  # noqa: F811
+def test_vllm_loads_the_merged_export_and_gives_the_adapters_tokens(assets, lora_dir, served, loop, tmp_path):  # noqa: F811
     """The merged export is a plain model to vLLM: served as a base, it answers as the adapter does."""
     from rayft import artifacts
     from rayft.serving.export import ExportConfig, export_adapter
@@ -68,7 +76,7 @@ def test_vllm_loads_the_merged_export_and_gives_the_adapters_tokens(assets, lora
                                                                       base_model=str(assets["model"]), lora_rank=4))
     out = export_adapter(ExportConfig(adapter="tiny-lora", registry=str(tmp_path / "reg"), out=str(tmp_path / "m")))
     prompts = chat_prompts(served.tokenizer, QUESTIONS)
-    with_adapter = asyncio.run(served.generate(prompts, max_tokens=16, temperature=0.0, load_id="tiny-lora@v1"))
+    with_adapter = loop.run_until_complete(served.generate(prompts, max_tokens=16, temperature=0.0, load_id="tiny-lora@v1"))
     merged = VLLMServingEngine({"name_or_path": str(out.out_dir), "dtype": "fp32"}, SECTION)
-    got = asyncio.run(merged.generate(prompts, max_tokens=16, temperature=0.0))
+    got = loop.run_until_complete(merged.generate(prompts, max_tokens=16, temperature=0.0))
     assert [c.token_ids for c in got] == [c.token_ids for c in with_adapter]
