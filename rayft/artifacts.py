@@ -5,7 +5,7 @@ Layout of a registry directory::
     <registry>/<name>/current                     pointer: one line, the version being served
     <registry>/<name>/<version>/                  one complete entry, never modified once the pointer names it
         adapter_config.json, adapter_model.safetensors    (kind "adapter")
-        config.json, model*.safetensors                   (kind "full_model" / "reward_model")
+        config.json, model*.safetensors                   (kind "full_model" / "reward_model" / "merged")
         tokenizer files                                   (so the entry is usable on its own)
         rayft_manifest.json                               (:class:`Manifest`)
 
@@ -79,7 +79,7 @@ class Manifest(BaseModel):
     schema_version: int = SCHEMA_VERSION
     name: str
     version: str = ""
-    kind: Literal["adapter", "full_model", "reward_model"]
+    kind: Literal["adapter", "full_model", "reward_model", "merged"]  # merged: an adapter folded into its base
     base_model: str  # as the user wrote it when a Hub id; a local directory stays a path
     base_model_source: Literal["hub", "local"] | None = None  # filled in by register() when None
     base_revision: str | None = None
@@ -182,7 +182,7 @@ def register(src_dir: str | Path, registry: str | Path, manifest: Manifest, *, k
     point the name at it. Returns the new version's directory (loadable with PEFT/transformers)."""
     src = Path(src_dir)
     needs = {"adapter": ("adapter_config.json",), "full_model": ("config.json",),
-             "reward_model": ("adapter_config.json", "config.json")}[manifest.kind]
+             "reward_model": ("adapter_config.json", "config.json"), "merged": ("config.json",)}[manifest.kind]
     if not any((src / f).exists() for f in needs):
         raise FileNotFoundError(f"{src} holds no {' or '.join(needs)}: not a {manifest.kind} directory")
     entry = entry_path(registry, manifest.name)

@@ -22,12 +22,18 @@ USER_ERRORS: dict[type[Exception], str] = {ConfigError: "", DataError: "data err
 def run_job(doc: str, body: Callable[[argparse.Namespace], int], argv: list[str] | None = None, *,
             config_help: str = "YAML job config",
             set_help: str = "override a config field by dotted path, e.g. train.lr=1e-4 (repeatable)",
-            user_errors: dict[type[Exception], str] | None = None) -> int:
-    """Parse the shared arguments, set up logging, run ``body(args)`` and turn user errors into exit code 2."""
+            user_errors: dict[type[Exception], str] | None = None,
+            extra_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+            config_required: bool = True) -> int:
+    """Parse the shared arguments, set up logging, run ``body(args)`` and turn user errors into exit code 2.
+    ``extra_arguments`` adds a job's own flags (shortcuts for config fields); a job whose flags can stand in
+    for a config file passes ``config_required=False`` and checks what it got itself."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help=config_help)
+    parser.add_argument("--config", required=config_required, default=None, help=config_help)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (ignored on a cluster)")
+    if extra_arguments is not None:
+        extra_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     errors = {**USER_ERRORS, **(user_errors or {})}

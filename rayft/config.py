@@ -397,8 +397,8 @@ class RewardModelConfig(TrainingJobConfig):
         _check_held_out(self.data)
         if self.finetune.init_adapter:
             raise ValueError("finetune.init_adapter continues a causal-LM adapter, but a reward model has a score "
-                             "head: start from a model (an SFT adapter merged into its base, see "
-                             "rayft.dpo.merge_adapter) in model.name_or_path")
+                             "head: start from a model (an SFT adapter merged into its base with "
+                             "jobs/export.py) in model.name_or_path")
         return self
 
 

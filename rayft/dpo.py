@@ -21,7 +21,7 @@ from rayft.runs import CONFIG_FILE, LOSS_CURVE, SUMMARY_FILE
 
 log = logging.getLogger("rayft.dpo")
 PreferenceConfig = DPOConfig | RewardModelConfig
-__all__ = ["build_trainer", "merge_adapter", "prepare", "put", "register_result", "run_preference", "tokenize"]
+__all__ = ["build_trainer", "prepare", "put", "register_result", "run_preference", "tokenize"]
 
 
 def job_name(cfg: PreferenceConfig) -> str:
@@ -125,16 +125,3 @@ def run_preference(cfg: PreferenceConfig, *, num_cpus: int | None = None) -> sft
         {"adapter": str(adapter_dir), "metrics": metrics, "timings": timings,
          "loss_curve": str(plot) if plot else None}, indent=2))
     return sft.SFTResult(run_dir=run_dir, adapter_dir=adapter_dir, metrics=metrics, timings=timings)
-
-
-def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
-    """An SFT adapter merged into its base, saved as a plain model (with the adapter's tokenizer): the start
-    of a reward model "from the SFT model" (a score head cannot continue a causal-LM adapter)."""
-    import torch
-    from peft import AutoPeftModelForCausalLM
-    from transformers import AutoTokenizer
-
-    model = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), dtype=torch.float32).merge_and_unload()
-    model.save_pretrained(out_dir, safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(out_dir)
-    return Path(out_dir)

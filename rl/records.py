@@ -37,6 +37,7 @@ class Completion:
     logprobs: list[float]
     text: str
     finish_reason: str
+    top_logprobs: list[dict[int, float]] | None = None  # serving: the most likely tokens at each step
 
     @property
     def truncated(self) -> bool:

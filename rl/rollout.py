@@ -26,6 +26,7 @@ import hashlib
 import inspect
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -161,33 +162,50 @@ class TransformersEngine:
 
     # --------------------------------------------------------------------------------------- generation
 
-    def generate(self, prompt_ids: list[list[int]], sampling: Sampling,
-                 seeds: list[list[int]]) -> list[list[Completion]]:
+    def generate(self, prompt_ids: list[list[int]], sampling: Sampling, seeds: list[list[int]], *,
+                 adapters: list[str] | None = None, row_done: RowDone | None = None,
+                 on_token: OnToken | None = None, top_logprobs: int = 0) -> list[list[Completion]]:
         """``n`` completions per prompt, decoded in chunks of whole prompts of at most ``max_batch_rows`` rows
-        (chunking does not change a row's result: its draws come from its own seed)."""
+        (chunking does not change a row's result: its draws come from its own seed).
+
+        Serving's options: ``adapters[i]`` names the resident LoRA adapter prompt ``i`` runs with
+        (:data:`BASE_ADAPTER` for the base; PEFT's mixed-adapter batches: one forward for all of them);
+        ``row_done(row, token_ids)`` may end a row early, returning its finish reason (stop strings, a per-row
+        ``max_tokens``); ``on_token(row, token_id, logprob)`` sees every token as it is chosen (streaming);
+        ``top_logprobs`` > 0 records that many most likely tokens per step. ``row`` counts completions over the
+        whole call (prompt ``i``'s sample ``j`` is row ``i * n + j``)."""
         check_seeds(prompt_ids, sampling, seeds)
+        if adapters is not None and len(adapters) != len(prompt_ids):
+            raise ValueError(f"{len(adapters)} adapter names for {len(prompt_ids)} prompts")
         per_chunk = max(1, self.max_batch_rows // sampling.n)
         groups: list[list[Completion]] = []
         for start in range(0, len(prompt_ids), per_chunk):
-            end = start + per_chunk
-            flat = self._decode(prompt_ids[start:end], [s for g in seeds[start:end] for s in g], sampling)
+            end, first = start + per_chunk, start * sampling.n
+            flat = self._decode(
+                prompt_ids[start:end], [s for g in seeds[start:end] for s in g], sampling,
+                adapters=adapters[start:end] if adapters is not None else None,
+                row_done=(lambda r, ids, f=first: row_done(r + f, ids)) if row_done else None,
+                on_token=(lambda r, t, lp, f=first: on_token(r + f, t, lp)) if on_token else None,
+                top_logprobs=top_logprobs)
             groups += [flat[i:i + sampling.n] for i in range(0, len(flat), sampling.n)]
         return groups
 
-    def _decode(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling) -> list[Completion]:
+    def _decode(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling, *,
+                adapters: list[str] | None = None, row_done: RowDone | None = None,
+                on_token: OnToken | None = None, top_logprobs: int = 0) -> list[Completion]:
         """One batched decode of ``n`` rows per prompt: a left-padded prefill of each prompt once, its KV cache
         repeated for the prompt's ``n`` rows, then one cached forward per token for the unfinished rows."""
         import torch
         from transformers import DynamicCache
 
-        n, width, dev = sampling.n, max(len(p) for p in prompts), self.device
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            input_ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each prompt starts at position 0, as in training
+        n, dev = sampling.n, self.device
+        input_ids, mask, positions = left_pad(prompts, self.pad_id)
         rows = len(prompts) * n
+        # PEFT's mixed-adapter batch: one adapter name per batch row, kept in step with the live rows
+        row_adapters = [a for a in adapters for _ in range(n)] if adapters is not None else None
+        per_prompt = {"adapter_names": list(adapters)} if adapters is not None else {}
+        tops: list[list[dict[int, float]]] = [[] for _ in range(rows)]
+        reasons: list[str | None] = [None] * rows
         gens = [torch.Generator().manual_seed(s) for s in seeds] if sampling.temperature > 0 else None
         tokens: list[list[int]] = [[] for _ in range(rows)]
         logprobs: list[list[float]] = [[] for _ in range(rows)]
@@ -197,7 +215,7 @@ class TransformersEngine:
         cache = DynamicCache(config=self.model.config)
         with torch.inference_mode():
             logits = self.model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
-                                use_cache=True, logits_to_keep=1, **{self._cache_kw: cache}).logits[:, -1]
+                                use_cache=True, logits_to_keep=1, **per_prompt, **{self._cache_kw: cache}).logits[:, -1]
             if n > 1:
                 cache.batch_repeat_interleave(n)
                 logits = logits.repeat_interleave(n, 0)
@@ -207,10 +225,19 @@ class TransformersEngine:
                 next_ids, next_lp = pick_tokens(logits.float(), sampling, [gens[r] for r in live] if gens else None)
                 ids_cpu, lp_cpu = next_ids.cpu(), next_lp.cpu()
                 done = torch.isin(ids_cpu, stop)
+                if top_logprobs:
+                    top_lp, top_ids = chosen_distribution(logits.float(), sampling).topk(top_logprobs, -1)
+                    top_lp, top_ids = top_lp.cpu().tolist(), top_ids.cpu().tolist()
                 for b, r in enumerate(live):
                     tokens[r].append(int(ids_cpu[b]))
                     logprobs[r].append(float(lp_cpu[b]))
                     stopped[r] = bool(done[b])
+                    if top_logprobs:
+                        tops[r].append(dict(zip(top_ids[b], top_lp[b], strict=True)))
+                    if on_token is not None:
+                        on_token(r, tokens[r][-1], logprobs[r][-1])
+                    if row_done is not None and not done[b] and (reason := row_done(r, tokens[r])):
+                        reasons[r], done[b] = reason, True
                 if done.all() or t == sampling.max_tokens - 1:
                     break
                 if done.any():  # finished rows leave the batch and its cache
@@ -221,11 +248,81 @@ class TransformersEngine:
                     mask, last_pos, next_ids = mask[keep], last_pos[keep], next_ids[keep]
                 mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
                 last_pos = last_pos + 1
+                per_row = {"adapter_names": [row_adapters[r] for r in live]} if row_adapters is not None else {}
                 logits = self.model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                                    use_cache=True, **{self._cache_kw: cache}).logits[:, -1]
+                                    use_cache=True, **per_row, **{self._cache_kw: cache}).logits[:, -1]
         return [Completion(token_ids=tokens[r], logprobs=logprobs[r],
                            text=self.tokenizer.decode(tokens[r], skip_special_tokens=True),
-                           finish_reason="stop" if stopped[r] else "length") for r in range(rows)]
+                           finish_reason=reasons[r] or ("stop" if stopped[r] else "length"),
+                           top_logprobs=tops[r] if top_logprobs else None) for r in range(rows)]
+
+    # ------------------------------------------------------------------------------- serving's extras
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Make a PEFT adapter directory resident under ``name`` (frozen), beside the others: rows name it in
+        ``generate(adapters=...)``. Needs an engine built for LoRA (``finetune.method`` lora)."""
+        if not self.lora:
+            raise ValueError("adapters can only be loaded into an engine built for LoRA (finetune.method lora)")
+        self.model.load_adapter(path, adapter_name=name, is_trainable=False)
+        self.model.eval()
+
+    def delete_adapter(self, name: str) -> None:
+        self.model.delete_adapter(name)
+
+    def score(self, prompts: list[list[int]], adapters: list[str] | None = None,
+              top_logprobs: int = 0) -> list[tuple[list[float | None], list[dict[int, float] | None]]]:
+        """Each prompt token's log-probability given the tokens before it (``None`` for the first), and the
+        ``top_logprobs`` most likely tokens at each position: ``/v1/completions`` with ``echo`` and
+        ``logprobs`` (lm-evaluation-harness scores loglikelihood tasks with it). One left-padded forward."""
+        import torch
+
+        input_ids, mask, positions = left_pad(prompts, self.pad_id)
+        extra = {"adapter_names": list(adapters)} if adapters is not None else {}
+        with torch.inference_mode():
+            logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                                position_ids=positions.to(self.device), use_cache=False, **extra).logits
+        logprobs_BTV = torch.log_softmax(logits[:, :-1].float(), -1)
+        chosen_BT = logprobs_BTV.gather(2, input_ids[:, 1:, None].to(self.device)).squeeze(2).cpu()
+        if top_logprobs:
+            top_lp, top_ids = logprobs_BTV.topk(top_logprobs, -1)
+            top_lp, top_ids = top_lp.cpu().tolist(), top_ids.cpu().tolist()
+        out = []
+        for i, p in enumerate(prompts):
+            start = input_ids.shape[1] - len(p)  # the prompt's first column; position j predicts column j + 1
+            lps = [None] + chosen_BT[i, start:].tolist()
+            tops = [None] * len(p)
+            if top_logprobs:
+                tops[1:] = [dict(zip(top_ids[i][j], top_lp[i][j], strict=True))
+                            for j in range(start, input_ids.shape[1] - 1)]
+            out.append((lps, tops))
+        return out
+
+
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
+RowDone = Callable[[int, list[int]], "str | None"]
+OnToken = Callable[[int, int, float], None]
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids, attention mask and positions of left-padded prompts (each starts at position 0, as in
+    training)."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def chosen_distribution(logits_BV: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """The log-probabilities that reported logprobs come from: ``log_softmax(logits / T)``, ``T`` = 1 when
+    greedy (as :func:`pick_tokens` reports them)."""
+    import torch
+
+    return torch.log_softmax(logits_BV / (sampling.temperature or 1.0), -1)
 
 
 def pick_tokens(logits_BV: torch.Tensor, sampling: Sampling,

@@ -19,7 +19,9 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def rm_run(assets, tiny_sft, ray_local, tmp_path_factory):
     from rayft.config import RewardModelConfig, load_config
-    from rayft.dpo import merge_adapter, run_preference
+    from rayft.dpo import run_preference
+    from rayft.serving.export import merge_adapter
+
     tmp = tmp_path_factory.mktemp("rm")
     base = merge_adapter(tiny_sft.adapter_dir, tmp / "sft-merged")
     held_out = assets["pref_held_out"]

@@ -1,0 +1,75 @@
+"""Serve the base model and its registered adapters over an OpenAI-compatible HTTP API (Ray Serve).
+
+Local (starts a single-node Ray; Ctrl-C stops the server):
+    python jobs/serve.py --config configs/serve_tiny.yaml
+    python jobs/serve.py --config configs/serve_tiny.yaml --set http.port=8001 --set api_key_env=RAYFT_API_KEY
+
+On a cluster (Ray 2.60 clusters use token auth; the client needs RAY_AUTH_MODE=token or RAY_AUTH_TOKEN):
+    ray job submit --address http://<head>:8265 --working-dir . -- \
+        python jobs/serve.py --config configs/serve_qwen05b.yaml
+
+Ray Serve's own CLI runs the same application:
+    serve run rayft.serving.app:build_app config=configs/serve_tiny.yaml
+
+Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (stream, n, stop, seed, logprobs,
+echo), GET /health. The ``model`` field picks the base (its folder name, or served_model_name) or an adapter
+by its registered name; adapters registered while the server runs are served without a restart.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/serve.py` from a working dir
+
+from rayft.cli import run_job  # noqa: E402
+from rayft.config import load_config  # noqa: E402
+
+
+def serve_main(args) -> int:
+    from rayft.serving.config import ServeConfig
+
+    cfg = load_config(ServeConfig, args.config, args.set)
+    cfg = _local_paths(cfg)
+    cfg.resolved_api_key()  # an unset key variable is a config error, before anything starts
+    from ray import serve
+
+    from rayft.cluster import init_ray
+    from rayft.serving.app import build
+
+    init_ray(args.num_cpus)
+    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    serve.run(build(cfg), name=cfg.app_name, route_prefix="/")
+    print(f"serving {cfg.base_id()} and the adapters of {cfg.registry or '(no registry)'} on "
+          f"http://{cfg.http.host}:{cfg.http.port}/v1  (Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+    finally:
+        serve.shutdown()
+    return 0
+
+
+def _local_paths(cfg):
+    """Relative model and registry paths as absolute ones (replicas run in other working directories)."""
+    import os
+
+    update = {}
+    if cfg.registry and not os.path.isabs(cfg.registry):
+        update["registry"] = os.path.abspath(cfg.registry)
+    path = cfg.model.name_or_path
+    if os.path.exists(path) and not os.path.isabs(path):
+        cfg.model.name_or_path = os.path.abspath(path)
+    return cfg.model_copy(update=update)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(__doc__, serve_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The serving job's typed config: loaded from YAML, validated at load, ``--set`` overridable (rayft.config)."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from rayft.config import ModelConfig, Strict
+
+
+class HTTPSection(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+
+class LimitsSection(Strict):
+    """What one request may ask for; more is a 400 naming the limit (413 for a body over max_request_bytes)."""
+
+    max_request_bytes: int = Field(1_000_000, ge=1024)
+    max_tokens: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
+    default_max_tokens: int = Field(128, ge=1, description="max_tokens of a chat request that sets none")
+    max_model_len: int | None = Field(None, ge=8, description="prompt + max_tokens; default: the model's context")
+    max_n: int = Field(8, ge=1)
+    max_logprobs: int = Field(5, ge=0, le=20)
+    max_prompts: int = Field(64, ge=1, description="prompts in one /v1/completions request")
+    max_stop: int = Field(4, ge=0)
+    request_timeout_s: float = Field(120.0, gt=0, description="server-side limit per request (then 408)")
+
+
+class BatchingSection(Strict):
+    """Each replica's request queue: requests waiting at most ``wait_ms`` are decoded together (any adapters)."""
+
+    max_batch_rows: int = Field(32, ge=1, description="completions decoded in one batch")
+    wait_ms: float = Field(5.0, ge=0)
+    max_queued_rows: int = Field(256, ge=1, description="queued completions per replica before 503 + Retry-After")
+    retry_after_s: int = Field(2, ge=1)
+
+
+class AutoscalingSection(Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(8, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
+class DeploymentSection(Strict):
+    """Engine replicas: a fixed count, or autoscaling between bounds (then ``num_replicas`` is ignored)."""
+
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: AutoscalingSection | None = None
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per engine replica (also its torch threads)")
+    num_gpus: float = Field(0.0, ge=0)
+    max_adapters_per_replica: int = Field(8, ge=1, description="adapters a replica keeps resident (LRU)")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests a replica accepts at once (Ray Serve)")
+    ingress_num_cpus: float = Field(0.0, ge=0)
+
+
+class ServeConfig(Strict):
+    model: ModelConfig
+    served_model_name: str | None = Field(None, description="the base model's id in the API; default: its folder name")
+    chat_template: str | None = Field(None, description="the base model's chat template (Jinja text or a file)")
+    registry: str | None = Field(None, description="adapter registry directory; None serves the base model only")
+    adapters: list[str] | None = Field(None, description="registered names to serve; None = all that fit the base")
+    base_aliases: list[str] = Field(default_factory=list,
+                                    description="other names of this base in manifests (e.g. its Hub id)")
+    max_lora_rank: int = Field(64, ge=1, description="adapters of a higher rank are refused")
+    engine: Literal["transformers"] = "transformers"
+    device: Literal["cpu", "cuda"] = "cpu"
+    registry_refresh_s: float = Field(10.0, gt=0, description="how often the registry is re-read")
+    api_key: str | None = Field(None, description="Bearer key required on /v1 routes; prefer api_key_env")
+    api_key_env: str | None = Field(None, description="environment variable holding the API key")
+    app_name: str = "rayft-serve"
+    http: HTTPSection = HTTPSection()
+    limits: LimitsSection = LimitsSection()
+    batching: BatchingSection = BatchingSection()
+    deployment: DeploymentSection = DeploymentSection()
+
+    @model_validator(mode="after")
+    def _cross_field(self):
+        if self.limits.default_max_tokens > self.limits.max_tokens:
+            raise ValueError(f"limits.default_max_tokens ({self.limits.default_max_tokens}) exceeds "
+                             f"limits.max_tokens ({self.limits.max_tokens})")
+        if self.api_key and self.api_key_env:
+            raise ValueError("set api_key or api_key_env, not both")
+        return self
+
+    def resolved_api_key(self) -> str | None:
+        """The key clients must send, or None (no auth). A named but unset environment variable is an error:
+        starting without auth by accident is worse than not starting."""
+        if self.api_key_env:
+            key = os.environ.get(self.api_key_env)
+            if not key:
+                from rayft.config import ConfigError
+
+                raise ConfigError(f"api_key_env: environment variable {self.api_key_env} is not set")
+            return key
+        return self.api_key
+
+    def base_id(self) -> str:
+        return self.served_model_name or os.path.basename(self.model.name_or_path.rstrip("/")) or "base"
