@@ -380,7 +380,12 @@ class Engine:
             yield item
 
     def batches(self) -> list[dict[str, Any]]:
+        """The last decode batches' kinds and per-row adapters (tests and debugging)."""
         return self.core.batches
+
+    def resident(self) -> list[str]:
+        """The adapters this replica holds now (``name@version``)."""
+        return sorted(self.core.resident)
 
     def ping(self) -> bool:
         return True

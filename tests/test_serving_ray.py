@@ -95,7 +95,7 @@ def server(ray_local, assets, tiny_sft, tmp_path_factory):
         "limits": {"max_tokens": 256, "default_max_tokens": 48, "max_model_len": 400, "request_timeout_s": 3,
                    "max_request_bytes": 100_000},
         "batching": {"max_batch_rows": 8, "wait_ms": 50, "max_queued_rows": 64},
-        "deployment": {"num_replicas": 1, "num_cpus": 1, "max_adapters_per_replica": 4},
+        "deployment": {"num_replicas": 1, "num_cpus": 1, "max_adapters_per_replica": 2},
     })
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(cfg), name=APP, route_prefix="/")
@@ -179,6 +179,8 @@ def test_health_and_models_through_the_openai_client(server):
 
 
 def test_greedy_equals_the_in_process_peft_model(server):
+    """Also across evictions: a replica keeps 2 models (max_adapters_per_replica), so the loop below loads,
+    evicts and reloads adapters."""
     prompt = chat_ids(server.tokenizer, QUESTIONS[0])
     for model in ("arith", "arith-b", server.base_id):
         choice = complete_ids(server, model, prompt)
@@ -328,3 +330,7 @@ def test_an_adapter_registered_while_serving_is_served_without_restart(server, t
     choice = complete_ids(server, "arith-late", prompt, 24)
     assert_same_greedy(server, "arith-late", prompt, choice["logprobs"]["tokens"], 24)
     assert "arith-late" in {m.id for m in client.models.list()}
+    from ray import serve
+
+    resident = serve.get_deployment_handle("Engine", app_name=APP).resident.remote().result()
+    assert len(resident) <= 2 and any(r.startswith("arith-late@") for r in resident), resident
