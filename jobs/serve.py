@@ -32,7 +32,7 @@ def serve_main(args) -> int:
     from rayft.serving.config import ServeConfig
 
     cfg = load_config(ServeConfig, args.config, args.set)
-    cfg = _local_paths(cfg)
+    cfg = cfg.with_absolute_paths()
     cfg.resolved_api_key()  # an unset key variable is a config error, before anything starts
     from ray import serve
 
@@ -52,19 +52,6 @@ def serve_main(args) -> int:
     finally:
         serve.shutdown()
     return 0
-
-
-def _local_paths(cfg):
-    """Relative model and registry paths as absolute ones (replicas run in other working directories)."""
-    import os
-
-    update = {}
-    if cfg.registry and not os.path.isabs(cfg.registry):
-        update["registry"] = os.path.abspath(cfg.registry)
-    path = cfg.model.name_or_path
-    if os.path.exists(path) and not os.path.isabs(path):
-        cfg.model.name_or_path = os.path.abspath(path)
-    return cfg.model_copy(update=update)
 
 
 def main(argv: list[str] | None = None) -> int:

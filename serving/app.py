@@ -172,7 +172,7 @@ class Ingress:
                               param="messages") from None
         ids = tok(text, add_special_tokens=False)["input_ids"]
         max_tokens = req.wanted_tokens(self.cfg.limits.default_max_tokens)
-        self._check_length([ids], max_tokens)
+        self._check_length([ids], max_tokens, "messages")
         k = (req.top_logprobs or 0) if req.logprobs else 0
         greq = GenerateRequest(prompts=[ids], max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                n=req.n, seed=req.seed, stops=req.stop_list(), top_logprobs=k)
@@ -207,7 +207,7 @@ class Ingress:
             raise bad_request(f"prompt: token ids must be in [0, {vocab})", param="prompt")
         if any(not p for p in ids):
             raise bad_request("prompt: an empty prompt has nothing to complete", param="prompt")
-        self._check_length(ids, req.max_tokens)
+        self._check_length(ids, req.max_tokens, "prompt")
         k = req.logprobs or 0
         greq = GenerateRequest(prompts=ids, max_tokens=req.max_tokens, temperature=req.temperature,
                                top_p=req.top_p, n=req.n, seed=req.seed, stops=req.stop_list(), top_logprobs=k,
@@ -226,7 +226,7 @@ class Ingress:
                         "logprobs": completion_logprobs(tok, prompt, c, req.echo) if req.logprobs is not None
                         else None})
         return {"id": rid, "object": "text_completion", "created": created, "model": req.model, "choices": out,
-                "usage": usage(sum(len(p) for p in ids) * req.n, choices)}
+                "usage": usage(sum(len(p) for p in ids), choices)}
 
     # ---------------------------------------------------------------------------------------- helpers
 
@@ -270,12 +270,12 @@ class Ingress:
             self._tokenizers[served.load_id] = tok
         return self._tokenizers[served.load_id]
 
-    def _check_length(self, prompts: list[list[int]], max_tokens: int) -> None:
+    def _check_length(self, prompts: list[list[int]], max_tokens: int, param: str) -> None:
         longest = max(len(p) for p in prompts)
         if longest + max_tokens > self.max_model_len:
             raise bad_request(
                 f"this model's maximum context length is {self.max_model_len} tokens; the prompt has {longest} "
-                f"and {max_tokens} more were asked for (max_tokens)", param="messages", code="context_length_exceeded")
+                f"and {max_tokens} more were asked for (max_tokens)", param=param, code="context_length_exceeded")
 
     async def _call(self, served: ServedModel, greq: GenerateRequest) -> list[Choice]:
         """One engine call within the request timeout; a replica that died is retried on another one."""
@@ -417,7 +417,9 @@ def build(cfg: ServeConfig):
 def build_app(args: dict[str, Any]):
     """Ray Serve's application builder (``serve run rayft.serving.app:build_app config=<yaml> [a.b=c ...]``,
     or ``import_path`` + ``args`` in a ``serve deploy`` config): ``config`` names a serve YAML and the other
-    arguments override its fields by dotted path; without ``config`` the arguments are the config itself."""
+    arguments override its fields by dotted path; without ``config`` the arguments are the config itself.
+    Under Ray Serve's CLI the host and port are Serve's (``serve run --host/--port``, a deploy file's
+    ``http_options``), not the config's ``http`` section, which only ``jobs/serve.py`` applies."""
     from rayft.config import load_config
 
     args = dict(args or {})
@@ -426,4 +428,4 @@ def build_app(args: dict[str, Any]):
         cfg = load_config(ServeConfig, path, [f"{k}={v}" for k, v in args.items()])
     else:
         cfg = load_config(ServeConfig, data=args)
-    return build(cfg)
+    return build(cfg.with_absolute_paths())

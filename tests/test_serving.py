@@ -247,3 +247,21 @@ def test_serve_job_refuses_a_bad_config_with_exit_2(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "jobs" / "serve.py"), "--config", str(bad)], capture_output=True,
                        text=True, timeout=120, cwd=ROOT)
     assert p.returncode == 2 and "http.prot" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_the_serve_deploy_file_names_the_builder():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "configs" / "serve_tiny_deploy.yaml").read_text()))
+    (app,) = schema.applications
+    assert app.import_path == "rayft.serving.app:build_app" and (ROOT / app.args["config"]).is_file()
+
+
+def test_relative_paths_become_absolute(tmp_path, monkeypatch):
+    (tmp_path / "m").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = ServeConfig.model_validate({"model": {"name_or_path": "m"}, "registry": "adapters"}).with_absolute_paths()
+    assert cfg.model.name_or_path == str(tmp_path / "m") and cfg.registry == str(tmp_path / "adapters")
+    assert ServeConfig.model_validate({"model": {"name_or_path": "org/hub-id"}}).with_absolute_paths().model.name_or_path \
+        == "org/hub-id"
