@@ -257,8 +257,22 @@ class Ingress:
 
     def _tokenizer(self, served: ServedModel):
         """The adapter's own tokenizer files (its chat template as trained) when the entry has them."""
-        if served.path is None or not (served.path / "tokenizer_config.json").is_file():
+        if served.path is None:
             return self.base_tokenizer
+        if served.load_id not in self._tokenizers and not (served.path / "tokenizer_config.json").is_file():
+            # no tokenizer files in the entry: the template its training config names, else the base's
+            template = (served.manifest.config.get("data") or {}).get("chat_template") if served.manifest else None
+            if not template:
+                return self.base_tokenizer
+            from pathlib import Path
+
+            from rayft.modeling import load_tokenizer
+
+            if "{" not in template and not Path(template).is_file():  # a file of the training machine
+                log.warning("%s: chat template %s not found; using the base model's", served.id, template[:80])
+                self._tokenizers[served.load_id] = self.base_tokenizer
+            else:
+                self._tokenizers[served.load_id] = load_tokenizer(self.cfg.model, template)
         if served.load_id not in self._tokenizers:
             from transformers import AutoTokenizer
 
@@ -318,7 +332,7 @@ class Ingress:
 
         async def events():
             started: set[int] = set()
-            item = first
+            item, finished = first, False
             try:
                 while item is not None:
                     i, delta, reason = item
@@ -337,6 +351,11 @@ class Ingress:
                     engine_error(e, self.cfg.batching.retry_after_s) or APIError(500, "internal error",
                                                                                 type="server_error")
                 yield f"data: {json.dumps(err.body())}\n\n"
+            else:
+                finished = True
+            finally:
+                if not finished:  # the client went away (or the stream failed): stop the replica's work
+                    gen.cancel()
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
