@@ -18,6 +18,7 @@ by its registered name; adapters registered while the server runs are served wit
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -40,11 +41,12 @@ def serve_main(args) -> int:
     from rayft.serving.app import build
 
     init_ray(args.num_cpus)
+    signal.signal(signal.SIGTERM, _stop)  # `ray job stop` and process managers stop with SIGTERM
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
-    serve.run(build(cfg), name=cfg.app_name, route_prefix="/")
-    print(f"serving {cfg.base_id()} and the adapters of {cfg.registry or '(no registry)'} on "
-          f"http://{cfg.http.host}:{cfg.http.port}/v1  (Ctrl-C stops)", flush=True)
-    try:
+    try:  # Serve's actors outlive this driver: shut them down however it ends
+        serve.run(build(cfg), name=cfg.app_name, route_prefix="/")
+        print(f"serving {cfg.base_id()} and the adapters of {cfg.registry or '(no registry)'} on "
+              f"http://{cfg.http.host}:{cfg.http.port}/v1  (Ctrl-C stops)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -52,6 +54,10 @@ def serve_main(args) -> int:
     finally:
         serve.shutdown()
     return 0
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:

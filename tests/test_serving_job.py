@@ -3,6 +3,7 @@ it serves on the configured port in the foreground, answers, and Ctrl-C stops it
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -30,21 +31,24 @@ def test_serve_job_runs_in_the_foreground_until_ctrl_c(ray_local, assets, tmp_pa
                           "--set", f"http.port={port}", "--set", "api_key_env=RAYFT_TEST_KEY",
                           "--set", "deployment.num_cpus=0.5"],
                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    url, health = f"http://127.0.0.1:{port}", []
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and p.poll() is None:
             try:
-                if requests.get(url + "/health", timeout=5).status_code == 200:
+                health.append(requests.get(url + "/health", timeout=15).status_code)
+                if health[-1] == 200:
                     break
-            except requests.RequestException:  # not listening yet, or the engine still starting
-                pass
+            except requests.RequestException as e:  # not listening yet, or the engine still starting
+                health.append(type(e).__name__)
             time.sleep(1)
         r = requests.get(url + "/v1/models", headers={"Authorization": "Bearer sk-job"}, timeout=30)
-        assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == ["tiny-model"]
-        assert requests.get(url + "/v1/models", timeout=30).status_code == 401
+        models, anonymous = (r.status_code, r.text), requests.get(url + "/v1/models", timeout=30).status_code
     finally:
         p.send_signal(signal.SIGINT)
         out, _ = p.communicate(timeout=120)
+    assert models[0] == 200 and [m["id"] for m in json.loads(models[1])["data"]] == ["tiny-model"], \
+        (models, health, out[-3000:])
+    assert anonymous == 401
     assert p.returncode == 0, out[-3000:]
     assert f"http://127.0.0.1:{port}/v1" in out
