@@ -117,14 +117,14 @@ def completion_logprobs(tok, prompt: list[int], c: Choice, echo: bool) -> dict[s
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, config: dict[str, Any], engine):
+    def __init__(self, config: dict[str, Any], engine, api_key: str | None = None):
         from transformers import AutoConfig
 
         from rayft.modeling import load_tokenizer
 
         self.cfg = cfg = ServeConfig.model_validate(config)
         self.engine = engine
-        self.api_key = cfg.resolved_api_key()
+        self.api_key = api_key  # resolved where the app is built (api_key_env names the builder's variable)
         m = cfg.model
         self.base = BaseInfo(id=cfg.base_id(), name_or_path=m.name_or_path, aliases=tuple(cfg.base_aliases),
                              module_names=base_module_names(m.name_or_path, m.revision, m.trust_remote_code),
@@ -426,11 +426,12 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
 
 def build(cfg: ServeConfig):
     """The bound application (what ``serve.run`` takes) for a validated config."""
-    dump = cfg.model_dump(mode="json")
+    dump = cfg.model_dump(mode="json", exclude={"api_key"})
     engine = Engine.options(**deployment_options(cfg)).bind(dump)
     ingress = Ingress.options(ray_actor_options={"num_cpus": cfg.deployment.ingress_num_cpus},
                               max_ongoing_requests=max(256, cfg.batching.max_queued_rows))
-    return ingress.bind(dump, engine)
+    # the key travels as a constructor argument, not in the deployment's config (which the dashboard shows)
+    return ingress.bind(dump, engine, cfg.resolved_api_key())
 
 
 def build_app(args: dict[str, Any]):

@@ -239,6 +239,9 @@ def test_app_builder_from_a_config_dict_and_file():
     assert opts["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in opts
     with pytest.raises(ConfigError, match="limits.max_tokens"):
         build_app({"model": {"name_or_path": "m"}, "limits": {"max_tokens": 0}})
+    # the key is read where the app is built (replicas do not have the builder's environment)
+    with pytest.raises(ConfigError, match="RAYFT_TEST_UNSET_KEY"):
+        build_app({"model": {"name_or_path": "m"}, "api_key_env": "RAYFT_TEST_UNSET_KEY"})
 
 
 def test_serve_job_refuses_a_bad_config_with_exit_2(tmp_path):
