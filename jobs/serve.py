@@ -44,9 +44,10 @@ def serve_main(args) -> int:
     signal.signal(signal.SIGTERM, _stop)  # `ray job stop` and process managers stop with SIGTERM
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     try:  # Serve's actors outlive this driver: shut them down however it ends
-        serve.run(build(cfg), name=cfg.app_name, route_prefix="/")
-        print(f"serving {cfg.base_id()} and the adapters of {cfg.registry or '(no registry)'} on "
+        print(f"starting: {cfg.base_id()} and the adapters of {cfg.registry or '(no registry)'} on "
               f"http://{cfg.http.host}:{cfg.http.port}/v1  (Ctrl-C stops)", flush=True)
+        serve.run(build(cfg), name=cfg.app_name, route_prefix="/")
+        print("ready", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -54,4 +54,4 @@ def test_serve_job_runs_in_the_foreground_until_ctrl_c(ray_local, assets, tmp_pa
         (models, health, out[-3000:])
     assert anonymous == 401
     assert p.returncode == 0, out[-3000:]
-    assert f"http://127.0.0.1:{port}/v1" in out
+    assert f"http://127.0.0.1:{port}/v1" in out and "stopping" in out
