@@ -18,6 +18,7 @@ by its registered name; adapters registered while the server runs are served wit
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ def serve_main(args) -> int:
     from rayft.serving.config import ServeConfig
 
     cfg = load_config(ServeConfig, args.config, args.set)
-    cfg = _local_paths(cfg)
+    cfg = cfg.with_absolute_paths()
     cfg.resolved_api_key()  # an unset key variable is a config error, before anything starts
     from ray import serve
 
@@ -40,11 +41,13 @@ def serve_main(args) -> int:
     from rayft.serving.app import build
 
     init_ray(args.num_cpus)
+    signal.signal(signal.SIGTERM, _stop)  # `ray job stop` and process managers stop with SIGTERM
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
-    serve.run(build(cfg), name=cfg.app_name, route_prefix="/")
-    print(f"serving {cfg.base_id()} and the adapters of {cfg.registry or '(no registry)'} on "
-          f"http://{cfg.http.host}:{cfg.http.port}/v1  (Ctrl-C stops)", flush=True)
-    try:
+    try:  # Serve's actors outlive this driver: shut them down however it ends
+        print(f"starting: {cfg.base_id()} and the adapters of {cfg.registry or '(no registry)'} on "
+              f"http://{cfg.http.host}:{cfg.http.port}/v1  (Ctrl-C stops)", flush=True)
+        serve.run(build(cfg), name=cfg.app_name, route_prefix="/")
+        print("ready", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -54,17 +57,8 @@ def serve_main(args) -> int:
     return 0
 
 
-def _local_paths(cfg):
-    """Relative model and registry paths as absolute ones (replicas run in other working directories)."""
-    import os
-
-    update = {}
-    if cfg.registry and not os.path.isabs(cfg.registry):
-        update["registry"] = os.path.abspath(cfg.registry)
-    path = cfg.model.name_or_path
-    if os.path.exists(path) and not os.path.isabs(path):
-        cfg.model.name_or_path = os.path.abspath(path)
-    return cfg.model_copy(update=update)
+def _stop(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:

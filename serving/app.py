@@ -117,14 +117,14 @@ def completion_logprobs(tok, prompt: list[int], c: Choice, echo: bool) -> dict[s
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, config: dict[str, Any], engine):
+    def __init__(self, config: dict[str, Any], engine, api_key: str | None = None):
         from transformers import AutoConfig
 
         from rayft.modeling import load_tokenizer
 
         self.cfg = cfg = ServeConfig.model_validate(config)
         self.engine = engine
-        self.api_key = cfg.resolved_api_key()
+        self.api_key = api_key  # resolved where the app is built (api_key_env names the builder's variable)
         m = cfg.model
         self.base = BaseInfo(id=cfg.base_id(), name_or_path=m.name_or_path, aliases=tuple(cfg.base_aliases),
                              module_names=base_module_names(m.name_or_path, m.revision, m.trust_remote_code),
@@ -172,7 +172,7 @@ class Ingress:
                               param="messages") from None
         ids = tok(text, add_special_tokens=False)["input_ids"]
         max_tokens = req.wanted_tokens(self.cfg.limits.default_max_tokens)
-        self._check_length([ids], max_tokens)
+        self._check_length([ids], max_tokens, "messages")
         k = (req.top_logprobs or 0) if req.logprobs else 0
         greq = GenerateRequest(prompts=[ids], max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                n=req.n, seed=req.seed, stops=req.stop_list(), top_logprobs=k)
@@ -207,7 +207,7 @@ class Ingress:
             raise bad_request(f"prompt: token ids must be in [0, {vocab})", param="prompt")
         if any(not p for p in ids):
             raise bad_request("prompt: an empty prompt has nothing to complete", param="prompt")
-        self._check_length(ids, req.max_tokens)
+        self._check_length(ids, req.max_tokens, "prompt")
         k = req.logprobs or 0
         greq = GenerateRequest(prompts=ids, max_tokens=req.max_tokens, temperature=req.temperature,
                                top_p=req.top_p, n=req.n, seed=req.seed, stops=req.stop_list(), top_logprobs=k,
@@ -226,7 +226,7 @@ class Ingress:
                         "logprobs": completion_logprobs(tok, prompt, c, req.echo) if req.logprobs is not None
                         else None})
         return {"id": rid, "object": "text_completion", "created": created, "model": req.model, "choices": out,
-                "usage": usage(sum(len(p) for p in ids) * req.n, choices)}
+                "usage": usage(sum(len(p) for p in ids), choices)}
 
     # ---------------------------------------------------------------------------------------- helpers
 
@@ -257,8 +257,22 @@ class Ingress:
 
     def _tokenizer(self, served: ServedModel):
         """The adapter's own tokenizer files (its chat template as trained) when the entry has them."""
-        if served.path is None or not (served.path / "tokenizer_config.json").is_file():
+        if served.path is None:
             return self.base_tokenizer
+        if served.load_id not in self._tokenizers and not (served.path / "tokenizer_config.json").is_file():
+            # no tokenizer files in the entry: the template its training config names, else the base's
+            template = (served.manifest.config.get("data") or {}).get("chat_template") if served.manifest else None
+            if not template:
+                return self.base_tokenizer
+            from pathlib import Path
+
+            from rayft.modeling import load_tokenizer
+
+            if "{" not in template and not Path(template).is_file():  # a file of the training machine
+                log.warning("%s: chat template %s not found; using the base model's", served.id, template[:80])
+                self._tokenizers[served.load_id] = self.base_tokenizer
+            else:
+                self._tokenizers[served.load_id] = load_tokenizer(self.cfg.model, template)
         if served.load_id not in self._tokenizers:
             from transformers import AutoTokenizer
 
@@ -270,12 +284,12 @@ class Ingress:
             self._tokenizers[served.load_id] = tok
         return self._tokenizers[served.load_id]
 
-    def _check_length(self, prompts: list[list[int]], max_tokens: int) -> None:
+    def _check_length(self, prompts: list[list[int]], max_tokens: int, param: str) -> None:
         longest = max(len(p) for p in prompts)
         if longest + max_tokens > self.max_model_len:
             raise bad_request(
                 f"this model's maximum context length is {self.max_model_len} tokens; the prompt has {longest} "
-                f"and {max_tokens} more were asked for (max_tokens)", param="messages", code="context_length_exceeded")
+                f"and {max_tokens} more were asked for (max_tokens)", param=param, code="context_length_exceeded")
 
     async def _call(self, served: ServedModel, greq: GenerateRequest) -> list[Choice]:
         """One engine call within the request timeout; a replica that died is retried on another one."""
@@ -318,7 +332,7 @@ class Ingress:
 
         async def events():
             started: set[int] = set()
-            item = first
+            item, finished = first, False
             try:
                 while item is not None:
                     i, delta, reason = item
@@ -337,6 +351,11 @@ class Ingress:
                     engine_error(e, self.cfg.batching.retry_after_s) or APIError(500, "internal error",
                                                                                 type="server_error")
                 yield f"data: {json.dumps(err.body())}\n\n"
+            else:
+                finished = True
+            finally:
+                if not finished:  # the client went away (or the stream failed): stop the replica's work
+                    gen.cancel()
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -380,7 +399,12 @@ class Engine:
             yield item
 
     def batches(self) -> list[dict[str, Any]]:
+        """The last decode batches' kinds and per-row adapters (tests and debugging)."""
         return self.core.batches
+
+    def resident(self) -> list[str]:
+        """The adapters this replica holds now (``name@version``)."""
+        return sorted(self.core.resident)
 
     def ping(self) -> bool:
         return True
@@ -402,17 +426,20 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
 
 def build(cfg: ServeConfig):
     """The bound application (what ``serve.run`` takes) for a validated config."""
-    dump = cfg.model_dump(mode="json")
+    dump = cfg.model_dump(mode="json", exclude={"api_key"})
     engine = Engine.options(**deployment_options(cfg)).bind(dump)
     ingress = Ingress.options(ray_actor_options={"num_cpus": cfg.deployment.ingress_num_cpus},
                               max_ongoing_requests=max(256, cfg.batching.max_queued_rows))
-    return ingress.bind(dump, engine)
+    # the key travels as a constructor argument, not in the deployment's config (which the dashboard shows)
+    return ingress.bind(dump, engine, cfg.resolved_api_key())
 
 
 def build_app(args: dict[str, Any]):
     """Ray Serve's application builder (``serve run rayft.serving.app:build_app config=<yaml> [a.b=c ...]``,
     or ``import_path`` + ``args`` in a ``serve deploy`` config): ``config`` names a serve YAML and the other
-    arguments override its fields by dotted path; without ``config`` the arguments are the config itself."""
+    arguments override its fields by dotted path; without ``config`` the arguments are the config itself.
+    Under Ray Serve's CLI the host and port are Serve's (``serve run --host/--port``, a deploy file's
+    ``http_options``), not the config's ``http`` section, which only ``jobs/serve.py`` applies."""
     from rayft.config import load_config
 
     args = dict(args or {})
@@ -421,4 +448,4 @@ def build_app(args: dict[str, Any]):
         cfg = load_config(ServeConfig, path, [f"{k}={v}" for k, v in args.items()])
     else:
         cfg = load_config(ServeConfig, data=args)
-    return build(cfg)
+    return build(cfg.with_absolute_paths())

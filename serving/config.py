@@ -103,5 +103,19 @@ class ServeConfig(Strict):
             return key
         return self.api_key
 
+    def with_absolute_paths(self) -> ServeConfig:
+        """Relative local paths (model, registry, chat template) made absolute where the config is read:
+        replicas may run in another working directory."""
+        def fix(path: str | None) -> str | None:
+            return os.path.abspath(path) if path and not os.path.isabs(path) and os.path.exists(path) else path
+
+        data = self.model_dump()
+        data["model"]["name_or_path"] = fix(self.model.name_or_path)
+        data["chat_template"] = fix(self.chat_template) if self.chat_template and "\n" not in self.chat_template \
+            else self.chat_template
+        if self.registry and not os.path.isabs(self.registry):
+            data["registry"] = os.path.abspath(self.registry)
+        return ServeConfig.model_validate(data)
+
     def base_id(self) -> str:
         return self.served_model_name or os.path.basename(self.model.name_or_path.rstrip("/")) or "base"

@@ -35,3 +35,25 @@ def test_without_a_staged_wheel_torch_comes_from_the_cpu_index(tmp_path):
     calls = _install(tmp_path, local_wheel=False)
     assert len(calls) == 2 and "--no-index" in calls[0]
     assert "--index-url https://download.pytorch.org/whl/cpu torch==2.13.0" in calls[1]
+
+
+def test_the_wheel_maps_rl_and_serving_into_rayft(tmp_path):
+    """The top-level rl/ and serving/ folders install as rayft.rl and rayft.serving (pyproject's package-dir),
+    never as top-level packages of their own names."""
+    import shutil
+    import sys
+    import zipfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("rayft", "rl", "serving"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                        str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    (wheel,) = (tmp_path / "dist").glob("rayft-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"rayft/rl/rollout.py", "rayft/serving/app.py", "rayft/serving/engine.py"} <= names
+    assert not any(n.startswith(("rl/", "serving/")) for n in names)
