@@ -71,21 +71,39 @@ def build_tiny_model(vocab_size: int, hidden_size: int = 128, layers: int = 2, s
 
 
 def pretrain_text(n: int, seed: int) -> list[str]:
-    """Plain-text arithmetic (no chat markup, a different answer phrasing from the SFT task)."""
+    """The pretraining documents, each ended by ``<|endoftext|>`` as in real pretraining: numbered arithmetic
+    exercises in plain prose (a different answer phrasing from the SFT task, no ``#### n`` convention), and
+    after 30% of them a short ChatML exchange in which the assistant repeats a random string.
+
+    The exchanges put every character of the vocabulary and the chat markers in the corpus, each in a
+    context that tells it apart. A token the corpus lacks is never a target, so pretraining only pushes its
+    (tied) embedding down the softmax: Adam takes a full-size step in the same direction for every such
+    row at every step, and all of them end up nearly the same vector. With the old prose-only corpus
+    ``#``, ``<|im_end|>``, ``<|im_start|>`` and every letter the prose lacks had embeddings at cosine ~0.9 of
+    each other, and a LoRA (embeddings frozen) could not tell ``#`` or ``<|im_end|>`` from ``j`` or ``{``:
+    the SFT adapter answered correctly 14% greedily but sampled garbage after the first line (``##jz 3_``),
+    0% strictly correct at temperature 0.7, so GRPO's groups had no reward variance. Now the same SFT gives
+    well-formed samples (all stop, strict = lenient) and 5% correct at 0.7 (``bench/results/rl_demo.md``).
+    """
     rng = random.Random(seed)
+    symbols = [c for c in string.printable if c not in "\r\x0b\x0c"]
     out = []
     for _ in range(n):
         p = arithmetic_problem(rng)
         work = p["answer"].split("\n")[0]
-        out.append(f"{p['question']} {work}. The answer is {p['target']}.\n")
+        doc = f"Exercise #{rng.randint(1, 99)}. {p['question']} {work}. The answer is {p['target']}.\n<|endoftext|>"
+        if rng.random() < 0.3:
+            s = "".join(rng.choice(symbols) for _ in range(rng.randint(3, 12)))
+            doc += f"<|im_start|>user\nRepeat: {s}<|im_end|>\n<|im_start|>assistant\n{s}<|im_end|>\n<|endoftext|>"
+        out.append(doc)
     return out
 
 
-def pretrain(model, tokenizer, steps: int = 150, seq_len: int = 256, batch: int = 8, lr: float = 3e-3,
+def pretrain(model, tokenizer, steps: int = 300, seq_len: int = 256, batch: int = 8, lr: float = 3e-3,
              seed: int = 0) -> list[float]:
     """A few seconds of full-weight language-model training so the tiny base is a *pretrained* base: it knows
-    the characters and the arithmetic prose, not the chat format or the ``#### n`` answer convention, which is
-    what SFT then has to teach. (LoRA on a random base plateaus: frozen random embeddings limit a low-rank
+    every character, the chat markers (:func:`pretrain_text`) and the arithmetic prose, not the task's answer
+    format (``a + b = c`` then ``#### c``, ended by ``<|im_end|>``), which is what SFT then has to teach. (LoRA on a random base plateaus: frozen random embeddings limit a low-rank
     update.) Returns the loss every 25 steps."""
     import torch
 
@@ -112,7 +130,7 @@ def pretrain(model, tokenizer, steps: int = 150, seq_len: int = 256, batch: int 
 
 
 def save_tiny_model(out_dir: str | Path, hidden_size: int = 128, layers: int = 2, seed: int = 0,
-                    pretrain_steps: int = 150) -> Path:
+                    pretrain_steps: int = 300) -> Path:
     """Write a tiny (briefly pretrained) model + tokenizer in Hugging Face format and return its path."""
     out = Path(out_dir)
     tokenizer = build_tiny_tokenizer()

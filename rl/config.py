@@ -22,7 +22,7 @@ from pydantic import Field, field_validator, model_validator
 
 from rayft.config import RunConfig, Strict, TrainingJobConfig
 
-BUILTIN_REWARDS = ("correctness", "format", "length")
+BUILTIN_REWARDS = ("correctness", "closeness", "format", "length")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 

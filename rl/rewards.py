@@ -3,9 +3,10 @@
 A reward function is a plain function ``fn(prompts, completions, **columns) -> list[float]``: ``prompts`` are
 the prompt texts or conversations, ``completions`` the completion texts, and ``columns`` the prompt rows'
 other fields as lists (``answer`` for GSM8K-style data) plus ``completion_lengths`` (tokens) and ``truncated``
-from the rollout. Built in: :func:`correctness`, :func:`format_reward`, :func:`length_penalty`; any function
-named by import path (``module:function``); and :class:`RewardModelScorer` for sequence-classification reward
-models (a registry ``reward_model`` entry: a PEFT LoRA adapter with its trained ``score`` head, or a full model).
+from the rollout. Built in: :func:`correctness`, :func:`closeness` (partial credit), :func:`format_reward`,
+:func:`length_penalty`; any function named by import path (``module:function``); and
+:class:`RewardModelScorer` for sequence-classification reward models (a registry ``reward_model`` entry: a
+PEFT LoRA adapter with its trained ``score`` head, or a full model).
 
 :class:`RewardWorker` is a plain class; the controller makes it a Ray actor with the resources of
 ``roles.reward``. It returns the weighted sum and each function's own values (:class:`RewardResult`).
@@ -111,6 +112,22 @@ def correctness(prompts: Sequence, completions: Sequence[str], answer: Sequence[
             for c, a in zip(completions, answer, strict=True)]
 
 
+def closeness(prompts: Sequence, completions: Sequence[str], answer: Sequence[str], *, strict: bool = True,
+              **_: Any) -> list[float]:
+    """Partial credit for a numeric answer near the reference: ``max(0, 1 - |p - r| / max(1, |r|))`` (1.0 when
+    right, 0.0 without a parsable answer). A dense signal where a weak policy is rarely exactly right, so
+    that groups keep reward variance; log it beside ``correctness``, which it must not replace.
+
+    >>> closeness(["q"] * 4, ["#### 10", "#### 8", "#### 30", "no answer"], ["10", "10", "10", "10"])
+    [1.0, 0.8, 0.0, 0.0]
+    """
+    out = []
+    for c, a in zip(completions, answer, strict=True):
+        p, r = parse_number(extract_answer(c, strict)), parse_number(reference_answer(str(a)))
+        out.append(0.0 if p is None or r is None else max(0.0, 1.0 - abs(p - r) / max(1.0, abs(r))))
+    return out
+
+
 def format_reward(prompts: Sequence, completions: Sequence[str], **_: Any) -> list[float]:
     """1.0 where the completion ends with a strict ``#### N`` line or holds a numeric ``\\boxed{N}``.
 
@@ -134,7 +151,8 @@ def length_penalty(prompts: Sequence, completions: Sequence[str], completion_len
     return [0.0 - min(1.0, max(0, n - start) / buffer) for n in completion_lengths]
 
 
-BUILTINS: dict[str, RewardFn] = {"correctness": correctness, "format": format_reward, "length": length_penalty}
+BUILTINS: dict[str, RewardFn] = {"correctness": correctness, "closeness": closeness, "format": format_reward,
+                                "length": length_penalty}
 
 
 def import_function(path: str) -> RewardFn:

@@ -42,6 +42,14 @@ def test_correctness_strict_and_lenient():
     assert R.correctness(["q"] * 4, completions, answers, strict=False) == [1.0, 1.0, 0.0, 1.0]
 
 
+def test_closeness_gives_partial_credit_near_the_reference_and_none_without_an_answer():
+    got = R.closeness(["q"] * 6, ["x\n#### 12", "#### 9", "#### 20", "#### 0", "12", "#### 1,000"],
+                      ["12", "12", "12", "0", "12", "#### 990"])
+    assert got == pytest.approx([1.0, 0.75, 1 / 3, 1.0, 0.0, 0.98989898])  # "12" alone: no strict answer
+    assert R.closeness(["q"], ["12"], ["12"], strict=False) == [1.0]
+    assert R.closeness(["q"], ["#### -5"], ["3"]) == [0.0]  # never negative
+
+
 def test_format_and_length():
     assert R.format_reward(["q"] * 4, ["x\n#### 3", "#### 3.5", "3", "\\boxed{7}"]) == [1.0, 1.0, 0.0, 1.0]
     assert R.length_penalty(["q"] * 5, [""] * 5, [0, 12, 13, 16, 40], max_tokens=16, buffer=4) == \
