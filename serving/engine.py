@@ -152,9 +152,10 @@ class EngineCore:
         if load_id != self.base.id:
             self._doomed.add(load_id)
 
-    def _collect(self) -> None:
-        """Delete evicted adapters that no queued request uses (between batches, under the model lock)."""
-        in_use = {j.adapter for j in self._queue}
+    def _collect(self, batch: list[_Job]) -> None:
+        """Delete evicted adapters that neither this batch nor a queued request uses (between batches, under
+        the model lock)."""
+        in_use = {j.adapter for j in (*self._queue, *batch)}
         for load_id in list(self._doomed):
             peft_name = self.resident.get(load_id)
             if peft_name is not None and peft_name not in in_use:
@@ -286,7 +287,7 @@ class EngineCore:
 
     def _run(self, batch: list[_Job]) -> list[Any]:
         with self._model_lock:
-            self._collect()
+            self._collect(batch)
             adapters = [job.adapter for job in batch for _ in job.rows]
             self.batches = (self.batches + [{"kind": batch[0].kind, "adapters": adapters}])[-64:]
             if batch[0].kind == "score":

@@ -57,9 +57,12 @@ def prompts(tok):
     return [tok(q)["input_ids"] for q in ("12+7=", "Hi there", "30-4=")]
 
 
+HELD = []  # what Ray Serve's multiplexing holds: an adapter is evicted when its Resident goes
+
+
 def test_mixed_adapter_batch_equals_each_adapter_alone(core, registry):
     for name in ("a", "b"):
-        core.load(f"{name}@{artifacts.current_version(registry, name)}")
+        HELD.append(core.load(f"{name}@{artifacts.current_version(registry, name)}"))
     engine: TransformersEngine = core.engine
     names = [core.resident[f"{n}@{artifacts.current_version(registry, n)}"] for n in ("a", "b")]
     ps = prompts(core.tokenizer)
@@ -87,7 +90,7 @@ def test_the_queue_batches_concurrent_requests_for_different_adapters(core, regi
     ids = {n: f"{n}@{artifacts.current_version(registry, n)}" for n in ("a", "b")}
     ids["base"] = core.base.id
     for load_id in ids.values():
-        core.load(load_id)
+        HELD.append(core.load(load_id))
     ps = prompts(core.tokenizer)
 
     async def run():
@@ -126,6 +129,22 @@ def test_stop_strings_max_tokens_n_and_streaming(core):
     b = asyncio.run(core.generate(sampled, core.base.id))
     assert [c.index for c in a] == list(range(6)) and [c.token_ids for c in a] == [c.token_ids for c in b]
     assert all(len(c.token_ids) <= 6 for c in a)
+
+
+def test_an_evicted_adapter_is_deleted_once_no_request_uses_it(core, registry):
+    load_id = f"a@{artifacts.current_version(registry, 'a')}"
+    peft_name = core.resident[load_id]
+    for r in [r for r in HELD if r.load_id == load_id]:
+        r.__del__()  # Ray's LRU eviction
+    req = GenerateRequest(prompts=prompts(core.tokenizer)[:1], max_tokens=3, temperature=0)
+    asyncio.run(core.generate(req, load_id))  # queued before the eviction is carried out: still served
+    asyncio.run(core.generate(req, core.base.id))  # the next batch deletes it
+    assert load_id not in core.resident and peft_name not in core.engine.model.peft_config
+    with pytest.raises(APIError) as e:
+        asyncio.run(core.generate(req, load_id))
+    assert e.value.status == 503 and e.value.code == "not_loaded"
+    HELD.append(core.load(load_id))  # loaded again on demand
+    assert asyncio.run(core.generate(req, load_id))[0].token_ids
 
 
 def test_a_full_queue_is_refused_with_retry_after(core):
