@@ -56,6 +56,17 @@ def to_messages(value, *, system_prompt: str | None, fmt: str) -> list[dict]:
     return messages
 
 
+def row_prompt(row: dict, cfg, section: str) -> tuple[dict, list[dict]]:
+    """``row`` after ``cfg.columns`` renames and its prompt as messages; a missing ``cfg.prompt`` or ``cfg.answer``
+    column is a ValueError naming the field (``section.prompt``). Shared by the RL prompts and the eval job."""
+    row = rename_columns(row, cfg.columns)
+    for name in ("prompt", "answer"):
+        column = getattr(cfg, name)
+        if column is not None and column not in row:
+            raise ValueError(f"no column {column!r} ({section}.{name}); row has {sorted(row)}")
+    return row, to_messages(row[cfg.prompt], system_prompt=cfg.system_prompt, fmt=cfg.prompt_format)
+
+
 def load_prompts(pcfg, tokenizer, *, source: str | None = None, split: str | None = None,
                  limit: int | None = None, skip: set[int] | None = None, only: set[int] | None = None) -> PromptSet:
     """Prompts of ``source`` (default ``pcfg.source``) / ``split``; ``skip``/``only`` filter by key (the held-out
@@ -69,12 +80,7 @@ def load_prompts(pcfg, tokenizer, *, source: str | None = None, split: str | Non
         if isinstance(row, DataError):
             raise row
         try:
-            row = rename_columns(row, pcfg.columns)
-            if pcfg.prompt not in row:
-                raise ValueError(f"no column {pcfg.prompt!r} (prompts.prompt); row has {sorted(row)}")
-            if pcfg.answer is not None and pcfg.answer not in row:
-                raise ValueError(f"no column {pcfg.answer!r} (prompts.answer); row has {sorted(row)}")
-            messages = to_messages(row[pcfg.prompt], system_prompt=pcfg.system_prompt, fmt=pcfg.prompt_format)
+            row, messages = row_prompt(row, pcfg, "prompts")
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                                  **pcfg.chat_template_kwargs)
         except ValueError as e:

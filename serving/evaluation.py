@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from rayft.config import ConfigError, save_config
-from rayft.readers import DataError, read_rows, rename_columns, row_error
+from rayft.readers import DataError, read_rows, row_error
 from rayft.serving.eval_config import EndpointSection, EvalConfig, EvalDataSection, JudgeSection
 
 log = logging.getLogger("rayft.serving.eval")
@@ -68,20 +68,15 @@ class ModelResult:
 
 def load_examples(data: EvalDataSection, api: str = "chat") -> list[Example]:
     """The usable rows of ``data``, in file order; a row that is not usable is a DataError naming it."""
-    from rayft.rl.prompts import to_messages
+    from rayft.rl.prompts import row_prompt
 
     out = []
     for key, (loc, row_no, row) in enumerate(read_rows(data.source, split=data.split, subset=data.subset)):
         if isinstance(row, DataError):
             raise row
         try:
-            row = rename_columns(row, data.columns)
-            if data.prompt not in row:
-                raise ValueError(f"no column {data.prompt!r} (data.prompt); row has {sorted(row)}")
-            if data.answer is not None and data.answer not in row:
-                raise ValueError(f"no column {data.answer!r} (data.answer); row has {sorted(row)}")
+            row, messages = row_prompt(row, data, "data")
             value = row[data.prompt]
-            messages = to_messages(value, system_prompt=data.system_prompt, fmt=data.prompt_format)
             if api == "completions" and not isinstance(value, str):
                 raise ValueError("generation.api=completions sends the prompt as text, but this prompt is a "
                                  "conversation; use generation.api=chat")
