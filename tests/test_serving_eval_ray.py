@@ -161,7 +161,8 @@ def test_eval_job_over_the_completions_api_with_a_judge(assets, server, tmp_path
             y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=MAX_TOKENS,
                                eos_token_id=stop, pad_token_id=tok.pad_token_id)
         assert rec["text"].strip() == tok.decode(y[0, x.shape[1]:], skip_special_tokens=True).strip()
-        assert rec["judge_reply"] and not rec["judge_reply"].startswith("judge request failed")
+        # the judge answered (the tiny base may reply with nothing: it stops at once; that counts as unparsed)
+        assert rec["judge_reply"] is not None and not rec["judge_reply"].startswith("judge request failed")
         assert rec["judge_score"] == parse_judge_score(rec["judge_reply"], 1, 10)
     row = next(csv.DictReader((out / "results.csv").open()))
     assert int(row["judge_unparsed"]) == sum(rec["judge_score"] is None for rec in served)
