@@ -5,6 +5,7 @@ Every training job (SFT, DPO, reward model, the RL learner) writes the same layo
     config.yaml          the resolved config (a resubmission is compared with it: see check_resume)
     data_stats.json      rows read / skipped / truncated / dropped, per split
     metrics.jsonl        one record per logged step (rank 0), each step exactly once across resumes
+    tensorboard/         the same numbers as TensorBoard scalars (``tensorboard --logdir <storage_path>``)
     attempts.jsonl       one record per (re)start of the workers: the step it started from
     checkpoint_*/        Ray Train checkpoints (DeepSpeed state + trainer_state.json)
     loss_curve.png, summary.json, export_probe.safetensors
@@ -22,6 +23,7 @@ from rayft.config import RESUME_MAY_CHANGE, ConfigError, TrainingJobConfig, chan
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 ATTEMPTS_FILE = "attempts.jsonl"
 DATA_STATS_FILE = "data_stats.json"
 SUMMARY_FILE = "summary.json"
@@ -70,17 +72,35 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 class MetricsFile:
-    """``metrics.jsonl``, written by rank 0. On resume from step ``k`` the records after ``k`` (work about to
-    be redone) are dropped, so the file holds each step exactly once; a start from 0 begins a new file."""
+    """``metrics.jsonl`` and TensorBoard scalars, written by rank 0. On resume from step ``k`` the records after
+    ``k`` (work about to be redone) are dropped, so the file holds each step exactly once; a start from 0
+    begins a new file. TensorBoard gets the same numbers, its events after ``k`` purged the same way."""
 
     def __init__(self, run_dir: Path, resume_step: int):
+        from tensorboardX import SummaryWriter
+
         self.path = Path(run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_jsonl(self.path) if r["step"] <= resume_step] if resume_step else []
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         with (Path(run_dir) / ATTEMPTS_FILE).open("a") as f:
             f.write(json.dumps({"start_step": resume_step, "time": time.time()}) + "\n")
+        tb = Path(run_dir) / TENSORBOARD_DIR
+        if not resume_step and tb.exists():
+            for old in tb.glob("events.out.tfevents.*"):  # a start from 0: the old curves are not this run's
+                old.unlink()
+        # one file per (re)start; the suffix keeps two starts within a second from sharing a file name
+        self.tensorboard = SummaryWriter(str(tb), purge_step=resume_step + 1 if resume_step else None,
+                                         filename_suffix=f".{time.time_ns()}", flush_secs=5)
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        step = record["step"]
+        for key, value in record.items():
+            if key not in ("step", "time") and isinstance(value, int | float) and not isinstance(value, bool):
+                self.tensorboard.add_scalar(key, value, step, walltime=record.get("time"))
+
+    def close(self) -> None:
+        """Write the TensorBoard events still queued (its writer thread flushes every few seconds)."""
+        self.tensorboard.close()

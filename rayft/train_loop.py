@@ -161,6 +161,8 @@ class Loop:
             last, window = record, Window({})
             self.log(record)
             self.report(record, checkpoint=do_save)
+        if self.metrics_file is not None:
+            self.metrics_file.close()
         self.export(last)
 
     def step_metrics(self, w: Window, evaluation: dict) -> dict:

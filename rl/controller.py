@@ -491,6 +491,7 @@ class RLRun:
                     if on_step is not None:
                         on_step(self, self.step)
             self.timings["loop_s"] = time.perf_counter() - t0
+            metrics.close()
             return self._finish()
         finally:
             self.roles.kill()
