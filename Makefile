@@ -33,7 +33,7 @@ assets: install
 	$(BIN)/python -m rayft.tiny --out assets
 
 demo: assets
-	$(BIN)/python jobs/sft.py --config configs/sft_tiny.yaml
+	$(BIN)/python jobs/pipeline.py --config configs/pipeline_tiny.yaml $(DEMO_FLAGS)
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -36,6 +36,8 @@ def run_job(doc: str, body: Callable[[argparse.Namespace], int], argv: list[str]
         extra_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for chatty in ("httpx", "httpx2", "httpcore", "openai"):  # a line per HTTP request buries the job's own progress
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     errors = {**USER_ERRORS, **(user_errors or {})}
     try:
         return body(args)
