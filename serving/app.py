@@ -175,7 +175,8 @@ class Ingress:
         self._check_length([ids], max_tokens, "messages")
         k = (req.top_logprobs or 0) if req.logprobs else 0
         greq = GenerateRequest(prompts=[ids], max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                               n=req.n, seed=req.seed, stops=req.stop_list(), top_logprobs=k)
+                               n=req.n, seed=req.seed, stops=req.stop_list(), top_logprobs=k,
+                               min_tokens=req.min_tokens, ignore_eos=req.ignore_eos)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             return await self._stream(served, greq, lambda i, delta, reason, first: {
@@ -211,7 +212,8 @@ class Ingress:
         k = req.logprobs or 0
         greq = GenerateRequest(prompts=ids, max_tokens=req.max_tokens, temperature=req.temperature,
                                top_p=req.top_p, n=req.n, seed=req.seed, stops=req.stop_list(), top_logprobs=k,
-                               echo_logprobs=req.echo and req.logprobs is not None)
+                               echo_logprobs=req.echo and req.logprobs is not None, min_tokens=req.min_tokens,
+                               ignore_eos=req.ignore_eos)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             return await self._stream(served, greq, lambda i, delta, reason, first: {

@@ -268,3 +268,21 @@ def test_relative_paths_become_absolute(tmp_path, monkeypatch):
     assert cfg.model.name_or_path == str(tmp_path / "m") and cfg.registry == str(tmp_path / "adapters")
     assert ServeConfig.model_validate({"model": {"name_or_path": "org/hub-id"}}).with_absolute_paths().model.name_or_path \
         == "org/hub-id"
+
+
+def test_min_tokens_holds_back_stop_strings_and_is_bounded_by_max_tokens():
+    """A stop string counts only once the completion has min_tokens tokens, and only where it ends after the
+    text of those first tokens (vLLM checks only the text added after them)."""
+    t = StopTracker(["x"], min_tokens=3)
+    assert not t.check("ax", 2) and not t.check("axb", 3) and t.check("axbx", 4) and t.text == "axb"
+    t = StopTracker(["xy"], min_tokens=2)
+    assert not t.check("ax", 1) and t.check("axy", 2) and t.text == "a"  # straddles the first tokens' end
+    assert parse(CompletionRequest, {"model": "m", "prompt": "a", "min_tokens": 4, "max_tokens": 4}).min_tokens == 4
+    for body in ({"prompt": "a", "max_tokens": 4}, {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4}):
+        cls = CompletionRequest if "prompt" in body else ChatCompletionRequest
+        with pytest.raises(APIError) as e:
+            check_limits(parse(cls, {"model": "m", **body, "min_tokens": 5}), LimitsSection())
+        assert e.value.status == 400 and e.value.param == "min_tokens" and "max_tokens (4)" in e.value.message
+    with pytest.raises(APIError) as e:
+        parse(CompletionRequest, {"model": "m", "prompt": "a", "min_tokens": -1})
+    assert e.value.param == "min_tokens"

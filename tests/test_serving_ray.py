@@ -13,6 +13,7 @@ import json
 import shutil
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -314,8 +315,13 @@ def test_error_contract(server):
     # overload: more completions than the replica queues (64) -> 503 with Retry-After
     r = server.post("/v1/completions", {"model": "arith", "prompt": [[5, 6]] * 9, "n": 8, "max_tokens": 4})
     assert r.status_code == 503 and r.headers["Retry-After"] == "2" and err(r)["code"] == "overloaded"
-    # (the server-side timeout, 408, is not exercised here: the tiny base now stops its rows early, so no request
-    # of this size reliably outlasts the 3 s limit)
+    # the server-side timeout (3 s here): 64 rows of 256 tokens each (min_tokens: no row may stop early) in
+    # chunks of max_batch_rows 8 outlast it; the cancelled rows end at their next token
+    start = time.monotonic()
+    r = server.post("/v1/completions", {"model": "arith", "prompt": [[5, 6, 7]] * 8, "n": 8, "max_tokens": 256,
+                                        "min_tokens": 256, "temperature": 0})
+    assert r.status_code == 408 and err(r)["type"] == "timeout_error" and err(r)["code"] == "timeout", r.text
+    assert "3 s" in err(r)["message"] and 3 <= time.monotonic() - start < 10
     # and the server goes on serving
     assert server.post("/v1/chat/completions", chat).status_code == 200
 
