@@ -440,8 +440,10 @@ def build_app(args: dict[str, Any]):
     """Ray Serve's application builder (``serve run rayft.serving.app:build_app config=<yaml> [a.b=c ...]``,
     or ``import_path`` + ``args`` in a ``serve deploy`` config): ``config`` names a serve YAML and the other
     arguments override its fields by dotted path; without ``config`` the arguments are the config itself.
-    Under Ray Serve's CLI the host and port are Serve's (``serve run --host/--port``, a deploy file's
-    ``http_options``), not the config's ``http`` section, which only ``jobs/serve.py`` applies."""
+    Serve's proxy, not the application, owns the host and port: ``jobs/serve.py --deploy-config <file>`` writes
+    a deploy file whose ``http_options`` are the config's ``http`` section (``serve deploy``/``serve run`` it);
+    ``serve run <import path>`` listens where a running Serve does (``serve start --http-host --http-port``)
+    or on Serve's default 127.0.0.1:8000."""
     from rayft.config import load_config
 
     args = dict(args or {})

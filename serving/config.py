@@ -119,3 +119,24 @@ class ServeConfig(Strict):
 
     def base_id(self) -> str:
         return self.served_model_name or os.path.basename(self.model.name_or_path.rstrip("/")) or "base"
+
+
+def deploy_file(config_path: str, overrides: list[str] | None = None) -> dict:
+    """Ray Serve's deploy config (``serve deploy`` / ``serve run <file>``) for a serve config: the application
+    (``rayft.serving.app:build_app`` with ``config`` and the ``--set`` overrides as its args) and Serve's
+    ``http_options`` taken from the config's ``http`` section, which Serve's CLI otherwise never reads (it
+    starts its proxy before, and apart from, the application). The config is validated here first."""
+    from rayft.config import load_config
+
+    overrides = list(overrides or [])
+    cfg = load_config(ServeConfig, config_path, overrides)
+    args = {"config": config_path}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        args[key.strip()] = value.strip()
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": cfg.http.host, "port": cfg.http.port},
+        "applications": [{"name": cfg.app_name, "route_prefix": "/", "import_path": "rayft.serving.app:build_app",
+                          "args": args}],
+    }

@@ -252,13 +252,30 @@ def test_serve_job_refuses_a_bad_config_with_exit_2(tmp_path):
     assert p.returncode == 2 and "http.prot" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_the_serve_deploy_file_names_the_builder():
+def test_the_serve_deploy_file_carries_the_configs_http_section(tmp_path, monkeypatch):
+    """Serve's CLI starts its proxy from the deploy file's http_options, never from the application: the file
+    jobs/serve.py --deploy-config writes takes them from the config's http section (and the shipped one is it)."""
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    schema = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "configs" / "serve_tiny_deploy.yaml").read_text()))
+    from rayft.serving.config import deploy_file
+
+    monkeypatch.chdir(ROOT)
+    shipped = yaml.safe_load((ROOT / "configs" / "serve_tiny_deploy.yaml").read_text())
+    assert shipped == deploy_file("configs/serve_tiny.yaml")
+    out = tmp_path / "deploy.yaml"
+    p = subprocess.run([sys.executable, str(ROOT / "jobs" / "serve.py"), "--config", "configs/serve_tiny.yaml",
+                        "--set", "http.port=8123", "--set", "http.host=0.0.0.0", "--set", "app_name=other",
+                        "--deploy-config", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(out.read_text()))
+    assert (schema.http_options.host, schema.http_options.port) == ("0.0.0.0", 8123)
     (app,) = schema.applications
-    assert app.import_path == "rayft.serving.app:build_app" and (ROOT / app.args["config"]).is_file()
+    assert app.name == "other" and app.import_path == "rayft.serving.app:build_app"
+    assert app.args == {"config": "configs/serve_tiny.yaml", "http.port": "8123", "http.host": "0.0.0.0",
+                        "app_name": "other"}
+    with pytest.raises(ConfigError, match="http.port"):
+        deploy_file("configs/serve_tiny.yaml", ["http.port=99999"])
 
 
 def test_relative_paths_become_absolute(tmp_path, monkeypatch):
