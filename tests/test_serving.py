@@ -207,7 +207,7 @@ def test_check_adapter_rules():
 # ----------------------------------------------------------------------------------- config, builder
 
 
-@pytest.mark.parametrize("name", ["serve_tiny.yaml", "serve_qwen05b.yaml"])
+@pytest.mark.parametrize("name", ["serve_tiny.yaml", "serve_qwen05b.yaml", "serve_qwen05b_vllm.yaml"])
 def test_shipped_serve_configs_validate(name):
     cfg = load_config(ServeConfig, ROOT / "configs" / name)
     assert cfg.deployment.max_adapters_per_replica >= 1 and cfg.limits.max_tokens >= cfg.limits.default_max_tokens
