@@ -8,7 +8,11 @@ On a cluster (Ray 2.60 clusters use token auth; the client needs RAY_AUTH_MODE=t
     ray job submit --address http://<head>:8265 --working-dir . -- \
         python jobs/serve.py --config configs/serve_qwen05b.yaml
 
-Ray Serve's own CLI runs the same application:
+Ray Serve's own CLI runs the same application, on the config's host and port through a deploy file:
+    python jobs/serve.py --config configs/serve_tiny.yaml --deploy-config serve_deploy.yaml
+    serve deploy serve_deploy.yaml     # or: serve run serve_deploy.yaml
+or by import path, on a running Serve's host and port (``serve start --http-host H --http-port P``; without a
+running Serve, Serve's default 127.0.0.1:8000):
     serve run rayft.serving.app:build_app config=configs/serve_tiny.yaml
 
 Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (stream, n, stop, seed, logprobs,
@@ -30,8 +34,15 @@ from rayft.config import load_config  # noqa: E402
 
 
 def serve_main(args) -> int:
-    from rayft.serving.config import ServeConfig
+    from rayft.serving.config import ServeConfig, deploy_file
 
+    if args.deploy_config:
+        import yaml
+
+        text = yaml.safe_dump(deploy_file(args.config, args.set), sort_keys=False)
+        Path(args.deploy_config).write_text(text)
+        print(f"wrote {args.deploy_config}: serve deploy {args.deploy_config}", flush=True)
+        return 0
     cfg = load_config(ServeConfig, args.config, args.set)
     cfg = cfg.with_absolute_paths()
     cfg.resolved_api_key()  # an unset key variable is a config error, before anything starts
@@ -62,7 +73,9 @@ def _stop(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job(__doc__, serve_main, argv)
+    return run_job(__doc__, serve_main, argv, extra_arguments=lambda p: p.add_argument(
+        "--deploy-config", metavar="FILE", help="write Ray Serve's deploy config for this serve config (its http "
+        "section as Serve's http_options) to FILE and exit, starting nothing"))
 
 
 if __name__ == "__main__":

@@ -164,7 +164,8 @@ class TransformersEngine:
 
     def generate(self, prompt_ids: list[list[int]], sampling: Sampling, seeds: list[list[int]], *,
                  adapters: list[str] | None = None, row_done: RowDone | None = None,
-                 on_token: OnToken | None = None, top_logprobs: int = 0) -> list[list[Completion]]:
+                 on_token: OnToken | None = None, top_logprobs: int = 0, min_tokens: list[int] | None = None,
+                 ignore_eos: list[bool] | None = None) -> list[list[Completion]]:
         """``n`` completions per prompt, decoded in chunks of whole prompts of at most ``max_batch_rows`` rows
         (chunking does not change a row's result: its draws come from its own seed).
 
@@ -172,11 +173,16 @@ class TransformersEngine:
         (:data:`BASE_ADAPTER` for the base; PEFT's mixed-adapter batches: one forward for all of them);
         ``row_done(row, token_ids)`` may end a row early, returning its finish reason (stop strings, a per-row
         ``max_tokens``); ``on_token(row, token_id, logprob)`` sees every token as it is chosen (streaming);
-        ``top_logprobs`` > 0 records that many most likely tokens per step. ``row`` counts completions over the
+        ``top_logprobs`` > 0 records that many most likely tokens per step; ``min_tokens[row]``: the stop tokens
+        cannot be chosen before the row has that many tokens (their logits are masked, as vLLM's ``min_tokens``
+        does); ``ignore_eos[row]``: a stop token does not end the row. ``row`` counts completions over the
         whole call (prompt ``i``'s sample ``j`` is row ``i * n + j``)."""
         check_seeds(prompt_ids, sampling, seeds)
         if adapters is not None and len(adapters) != len(prompt_ids):
             raise ValueError(f"{len(adapters)} adapter names for {len(prompt_ids)} prompts")
+        for name, per_row in (("min_tokens", min_tokens), ("ignore_eos", ignore_eos)):
+            if per_row is not None and len(per_row) != len(prompt_ids) * sampling.n:
+                raise ValueError(f"{len(per_row)} {name} values for {len(prompt_ids) * sampling.n} rows")
         per_chunk = max(1, self.max_batch_rows // sampling.n)
         groups: list[list[Completion]] = []
         for start in range(0, len(prompt_ids), per_chunk):
@@ -186,13 +192,16 @@ class TransformersEngine:
                 adapters=adapters[start:end] if adapters is not None else None,
                 row_done=(lambda r, ids, f=first: row_done(r + f, ids)) if row_done else None,
                 on_token=(lambda r, t, lp, f=first: on_token(r + f, t, lp)) if on_token else None,
-                top_logprobs=top_logprobs)
+                top_logprobs=top_logprobs,
+                min_tokens=min_tokens[first:end * sampling.n] if min_tokens is not None else None,
+                ignore_eos=ignore_eos[first:end * sampling.n] if ignore_eos is not None else None)
             groups += [flat[i:i + sampling.n] for i in range(0, len(flat), sampling.n)]
         return groups
 
     def _decode(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling, *,
                 adapters: list[str] | None = None, row_done: RowDone | None = None,
-                on_token: OnToken | None = None, top_logprobs: int = 0) -> list[Completion]:
+                on_token: OnToken | None = None, top_logprobs: int = 0, min_tokens: list[int] | None = None,
+                ignore_eos: list[bool] | None = None) -> list[Completion]:
         """One batched decode of ``n`` rows per prompt: a left-padded prefill of each prompt once, its KV cache
         repeated for the prompt's ``n`` rows, then one cached forward per token for the unfinished rows."""
         import torch
@@ -212,6 +221,10 @@ class TransformersEngine:
         stopped = [False] * rows
         live = list(range(rows))  # batch row -> completion row
         stop = torch.tensor(sorted(self.stop_ids))
+        if min_tokens is not None and not any(min_tokens):
+            min_tokens = None
+        if ignore_eos is not None and not any(ignore_eos):
+            ignore_eos = None
         cache = DynamicCache(config=self.model.config)
         with torch.inference_mode():
             logits = self.model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
@@ -222,9 +235,14 @@ class TransformersEngine:
             mask = mask.to(dev).repeat_interleave(n, 0)
             last_pos = positions[:, -1].to(dev).repeat_interleave(n, 0)
             for t in range(sampling.max_tokens):
+                if min_tokens is not None and (hold := [b for b, r in enumerate(live) if t < min_tokens[r]]):
+                    logits = logits.clone()
+                    logits[torch.tensor(hold, device=dev)[:, None], stop.to(dev)[None, :]] = float("-inf")
                 next_ids, next_lp = pick_tokens(logits.float(), sampling, [gens[r] for r in live] if gens else None)
                 ids_cpu, lp_cpu = next_ids.cpu(), next_lp.cpu()
                 done = torch.isin(ids_cpu, stop)
+                if ignore_eos is not None:
+                    done &= torch.tensor([not ignore_eos[r] for r in live])
                 if top_logprobs:
                     top_lp, top_ids = chosen_distribution(logits.float(), sampling).topk(top_logprobs, -1)
                     top_lp, top_ids = top_lp.cpu().tolist(), top_ids.cpu().tolist()

@@ -126,14 +126,16 @@ class Ingress:
         self.engine = engine
         self.api_key = api_key  # resolved where the app is built (api_key_env names the builder's variable)
         m = cfg.model
+        rank, setting = cfg.rank_limit()
         self.base = BaseInfo(id=cfg.base_id(), name_or_path=m.name_or_path, aliases=tuple(cfg.base_aliases),
                              module_names=base_module_names(m.name_or_path, m.revision, m.trust_remote_code),
-                             max_lora_rank=cfg.max_lora_rank)
+                             max_lora_rank=rank, rank_setting=setting)
         self.catalog = Catalog(self.base, cfg.registry, cfg.adapters, cfg.registry_refresh_s)
         self.base_tokenizer = load_tokenizer(m, cfg.chat_template)
         self._tokenizers: dict[str, Any] = {}
         context = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision).max_position_embeddings
-        self.max_model_len = cfg.limits.max_model_len or context
+        own = cfg.vllm.max_model_len if cfg.engine == "vllm" else None
+        self.max_model_len = cfg.limits.max_model_len or own or context
 
     # ------------------------------------------------------------------------------------------- routes
 
@@ -175,7 +177,8 @@ class Ingress:
         self._check_length([ids], max_tokens, "messages")
         k = (req.top_logprobs or 0) if req.logprobs else 0
         greq = GenerateRequest(prompts=[ids], max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                               n=req.n, seed=req.seed, stops=req.stop_list(), top_logprobs=k)
+                               n=req.n, seed=req.seed, stops=req.stop_list(), top_logprobs=k,
+                               min_tokens=req.min_tokens, ignore_eos=req.ignore_eos)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             return await self._stream(served, greq, lambda i, delta, reason, first: {
@@ -211,7 +214,8 @@ class Ingress:
         k = req.logprobs or 0
         greq = GenerateRequest(prompts=ids, max_tokens=req.max_tokens, temperature=req.temperature,
                                top_p=req.top_p, n=req.n, seed=req.seed, stops=req.stop_list(), top_logprobs=k,
-                               echo_logprobs=req.echo and req.logprobs is not None)
+                               echo_logprobs=req.echo and req.logprobs is not None, min_tokens=req.min_tokens,
+                               ignore_eos=req.ignore_eos)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             return await self._stream(served, greq, lambda i, delta, reason, first: {
@@ -374,13 +378,20 @@ class Ingress:
 
 @serve.deployment
 class Engine:
-    """An engine replica: :class:`EngineCore` with Ray Serve's multiplexing over its adapters."""
+    """An engine replica: :class:`EngineCore` (transformers + PEFT), or with ``engine: vllm``
+    :class:`~rayft.serving.vllm_engine.VLLMCore` (vLLM is imported here, in the replica, only then), with Ray
+    Serve's multiplexing over its adapters."""
 
     def __init__(self, config: dict[str, Any]):
         for name in ("transformers", "peft"):
             logging.getLogger(name).setLevel(logging.ERROR)
         cfg = ServeConfig.model_validate(config)
-        self.core = EngineCore(cfg)
+        if cfg.engine == "vllm":
+            from rayft.serving.vllm_engine import VLLMCore
+
+            self.core = VLLMCore(cfg)
+        else:
+            self.core = EngineCore(cfg)
 
         async def load(load_id: str):
             return await asyncio.to_thread(self.core.load, load_id)
@@ -426,6 +437,7 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
 
 def build(cfg: ServeConfig):
     """The bound application (what ``serve.run`` takes) for a validated config."""
+    cfg = cfg.with_vllm_rank()  # engine vllm: one max_lora_rank for every replica, fixed now
     dump = cfg.model_dump(mode="json", exclude={"api_key"})
     engine = Engine.options(**deployment_options(cfg)).bind(dump)
     ingress = Ingress.options(ray_actor_options={"num_cpus": cfg.deployment.ingress_num_cpus},
@@ -438,8 +450,10 @@ def build_app(args: dict[str, Any]):
     """Ray Serve's application builder (``serve run rayft.serving.app:build_app config=<yaml> [a.b=c ...]``,
     or ``import_path`` + ``args`` in a ``serve deploy`` config): ``config`` names a serve YAML and the other
     arguments override its fields by dotted path; without ``config`` the arguments are the config itself.
-    Under Ray Serve's CLI the host and port are Serve's (``serve run --host/--port``, a deploy file's
-    ``http_options``), not the config's ``http`` section, which only ``jobs/serve.py`` applies."""
+    Serve's proxy, not the application, owns the host and port: ``jobs/serve.py --deploy-config <file>`` writes
+    a deploy file whose ``http_options`` are the config's ``http`` section (``serve deploy``/``serve run`` it);
+    ``serve run <import path>`` listens where a running Serve does (``serve start --http-host --http-port``)
+    or on Serve's default 127.0.0.1:8000."""
     from rayft.config import load_config
 
     args = dict(args or {})

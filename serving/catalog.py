@@ -39,6 +39,7 @@ class BaseInfo:
     aliases: tuple[str, ...] = ()
     module_names: frozenset[str] = frozenset()
     max_lora_rank: int = 64
+    rank_setting: str = "max_lora_rank"  # the config field that raises max_lora_rank
 
     def names(self) -> set[str]:
         return {_canonical(n) for n in (self.name_or_path, *self.aliases)}
@@ -90,8 +91,11 @@ def check_adapter(manifest: artifacts.Manifest, adapter_config: dict[str, Any], 
     rank = adapter_config.get("r", manifest.lora_rank)
     ranks = [rank, *(adapter_config.get("rank_pattern") or {}).values()]
     if max(r for r in ranks if r is not None) > base.max_lora_rank:
+        restart = " and restart the server (vLLM sizes its LoRA buffers at start-up)" \
+            if base.rank_setting.startswith("vllm.") else ""
         raise IncompatibleAdapter(f"adapter {name!r} has LoRA rank {max(ranks)}, above this server's "
-                                  f"max_lora_rank={base.max_lora_rank}; raise max_lora_rank in the serve config")
+                                  f"max_lora_rank={base.max_lora_rank}; raise {base.rank_setting} in the serve "
+                                  f"config{restart}")
     if base.module_names:
         missing = _targets_found(adapter_config.get("target_modules") or [], base.module_names)
         if missing:

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from rayft.config import ModelConfig, Strict
+from rayft.serving.vllm_config import DEFAULT_MAX_LORA_RANK, LORA_RANK_SETTINGS, VLLMSection
 
 
 class HTTPSection(Strict):
@@ -70,8 +71,11 @@ class ServeConfig(Strict):
     adapters: list[str] | None = Field(None, description="registered names to serve; None = all that fit the base")
     base_aliases: list[str] = Field(default_factory=list,
                                     description="other names of this base in manifests (e.g. its Hub id)")
-    max_lora_rank: int = Field(64, ge=1, description="adapters of a higher rank are refused")
-    engine: Literal["transformers"] = "transformers"
+    max_lora_rank: int = Field(64, ge=1, description="adapters of a higher rank are refused (engine transformers; "
+                               "engine vllm: vllm.max_lora_rank)")
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="transformers + PEFT (CPU, or one GPU) or vLLM (GPUs, the vllm section)")
+    vllm: VLLMSection = VLLMSection()
     device: Literal["cpu", "cuda"] = "cpu"
     registry_refresh_s: float = Field(10.0, gt=0, description="how often the registry is re-read")
     api_key: str | None = Field(None, description="Bearer key required on /v1 routes; prefer api_key_env")
@@ -89,7 +93,44 @@ class ServeConfig(Strict):
                              f"limits.max_tokens ({self.limits.max_tokens})")
         if self.api_key and self.api_key_env:
             raise ValueError("set api_key or api_key_env, not both")
+        if self.engine == "vllm":
+            if self.device != "cuda":
+                raise ValueError("engine: vllm runs on GPUs only; set device: cuda (and deployment.num_gpus), or "
+                                 "use engine: transformers on CPU")
+            if self.deployment.num_gpus < 1:
+                raise ValueError(f"deployment.num_gpus ({self.deployment.num_gpus:g}): engine vllm needs at least "
+                                 "one whole GPU per replica")
+            lim, own = self.limits.max_model_len, self.vllm.max_model_len
+            if lim is not None and own is not None and own < lim:
+                raise ValueError(f"vllm.max_model_len ({own}) is below limits.max_model_len ({lim}): the server "
+                                 "would accept prompts the engine refuses")
         return self
+
+    def rank_limit(self) -> tuple[int, str]:
+        """The largest adapter rank the engine serves and the setting that raises it."""
+        if self.engine == "vllm":
+            return self.vllm.max_lora_rank or DEFAULT_MAX_LORA_RANK, "vllm.max_lora_rank"
+        return self.max_lora_rank, "max_lora_rank"
+
+    def with_vllm_rank(self) -> ServeConfig:
+        """Engine vllm: ``vllm.max_lora_rank`` fixed where the app is built, from the adapters registered now
+        (the smallest allowed value at or above the largest rank among those that fit the base, or the
+        configured value when higher), so that every replica and the ingress agree; an adapter registered later
+        above it is refused naming the setting. Other engines: unchanged."""
+        if self.engine != "vllm":
+            return self
+        from rayft.serving.catalog import BaseInfo, Catalog
+        from rayft.serving.vllm_config import adapter_rank, choose_max_lora_rank, read_adapter_config
+
+        # every adapter of this base, whatever its rank (modules are checked when it is served)
+        base = BaseInfo(id=self.base_id(), name_or_path=self.model.name_or_path, aliases=tuple(self.base_aliases),
+                        max_lora_rank=LORA_RANK_SETTINGS[-1])
+        catalog = Catalog(base, self.registry, self.adapters, self.registry_refresh_s)
+        ranks = {m.id: adapter_rank(read_adapter_config(m.path)) for m in catalog.models.values() if m.path}
+        # one above vLLM's largest setting is refused when asked for, naming it; it does not stop the server
+        ranks = {k: r for k, r in ranks.items() if r <= LORA_RANK_SETTINGS[-1]}
+        chosen = choose_max_lora_rank(ranks, self.vllm.max_lora_rank)
+        return self.model_copy(update={"vllm": self.vllm.model_copy(update={"max_lora_rank": chosen})})
 
     def resolved_api_key(self) -> str | None:
         """The key clients must send, or None (no auth). A named but unset environment variable is an error:
@@ -119,3 +160,24 @@ class ServeConfig(Strict):
 
     def base_id(self) -> str:
         return self.served_model_name or os.path.basename(self.model.name_or_path.rstrip("/")) or "base"
+
+
+def deploy_file(config_path: str, overrides: list[str] | None = None) -> dict:
+    """Ray Serve's deploy config (``serve deploy`` / ``serve run <file>``) for a serve config: the application
+    (``rayft.serving.app:build_app`` with ``config`` and the ``--set`` overrides as its args) and Serve's
+    ``http_options`` taken from the config's ``http`` section, which Serve's CLI otherwise never reads (it
+    starts its proxy before, and apart from, the application). The config is validated here first."""
+    from rayft.config import load_config
+
+    overrides = list(overrides or [])
+    cfg = load_config(ServeConfig, config_path, overrides)
+    args = {"config": config_path}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        args[key.strip()] = value.strip()
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": cfg.http.host, "port": cfg.http.port},
+        "applications": [{"name": cfg.app_name, "route_prefix": "/", "import_path": "rayft.serving.app:build_app",
+                          "args": args}],
+    }

@@ -40,6 +40,8 @@ class GenerateRequest:
     stops: list[str] = field(default_factory=list)
     top_logprobs: int = 0
     echo_logprobs: bool = False  # score the prompt tokens too (/v1/completions echo + logprobs)
+    min_tokens: int = 0  # no stop token or stop string ends a completion before this many tokens
+    ignore_eos: bool = False  # the stop tokens do not end a completion
 
 
 @dataclass
@@ -186,7 +188,7 @@ class EngineCore:
         per choice. Stop strings are held back until they are known not to be one."""
         adapter = self.peft_name(load_id)
         job = self._job("generate", adapter, req, stream=True)
-        trackers = [StopTracker(req.stops) for _ in job.rows]
+        trackers = [StopTracker(req.stops, req.min_tokens) for _ in job.rows]
         tokens: list[list[int]] = [[] for _ in job.rows]
         finished = [False] * len(job.rows)
         self._enqueue(job)
@@ -199,7 +201,8 @@ class EngineCore:
                     break
                 row, token = getter.result()
                 tokens[row].append(token)
-                delta = trackers[row].feed(self.tokenizer.decode(tokens[row], skip_special_tokens=True))
+                delta = trackers[row].feed(self.tokenizer.decode(tokens[row], skip_special_tokens=True),
+                                           len(tokens[row]))
                 if delta:
                     yield row, delta, None
             while not job.events.empty():  # tokens chosen after the last wake-up
@@ -307,7 +310,7 @@ class EngineCore:
         from rayft.rl.records import Sampling
 
         owners = [(job, i) for job in batch for i in range(len(job.rows))]  # batch row -> (job, its row)
-        trackers = [StopTracker(job.req.stops) for job, _ in owners]
+        trackers = [StopTracker(job.req.stops, job.req.min_tokens) for job, _ in owners]
         first = batch[0].req
         sampling = Sampling(temperature=first.temperature, top_p=first.top_p, n=1,
                             max_tokens=max(job.req.max_tokens for job in batch))
@@ -316,7 +319,7 @@ class EngineCore:
             job, _ = owners[r]
             if job.cancelled:
                 return "cancelled"
-            if trackers[r].stops and trackers[r].check(self.tokenizer.decode(ids, skip_special_tokens=True)):
+            if trackers[r].stops and trackers[r].check(self.tokenizer.decode(ids, skip_special_tokens=True), len(ids)):
                 return "stop"
             return "length" if len(ids) >= job.req.max_tokens else None
 
@@ -328,7 +331,8 @@ class EngineCore:
         completions = self.engine.generate(
             [r for job in batch for r in job.rows], sampling, [[s] for job in batch for s in job.seeds],
             adapters=adapters, row_done=row_done, on_token=on_token,
-            top_logprobs=max(job.req.top_logprobs for job in batch))
+            top_logprobs=max(job.req.top_logprobs for job in batch),
+            min_tokens=[job.req.min_tokens for job, _ in owners], ignore_eos=[job.req.ignore_eos for job, _ in owners])
         out: dict[int, list[Choice]] = {id(job): [] for job in batch}
         for r, ((job, i), group) in enumerate(zip(owners, completions, strict=True)):
             c, k = group[0], job.req.top_logprobs

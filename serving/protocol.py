@@ -103,6 +103,10 @@ class _Request(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # vLLM's extensions: no end of sequence (stop token or stop string) before min_tokens tokens; ignore_eos:
+    # the stop tokens never end a completion (it runs to max_tokens or a stop string)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -213,6 +217,9 @@ def check_limits(req: ChatCompletionRequest | CompletionRequest, limits, n_promp
         raise bad_request(f"n: {req.n} exceeds this server's limit of {limits.max_n}", param="n")
     if len(req.stop_list()) > limits.max_stop:
         raise bad_request(f"stop: at most {limits.max_stop} stop strings", param="stop")
+    wanted = req.wanted_tokens(limits.default_max_tokens) if isinstance(req, ChatCompletionRequest) else req.max_tokens
+    if req.min_tokens > wanted:
+        raise bad_request(f"min_tokens: {req.min_tokens} exceeds max_tokens ({wanted})", param="min_tokens")
     if n_prompts > limits.max_prompts:
         raise bad_request(f"prompt: {n_prompts} prompts exceed this server's limit of {limits.max_prompts}",
                           param="prompt")

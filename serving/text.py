@@ -44,30 +44,39 @@ class StopTracker:
 
     ``feed(text)`` takes the whole decoded text so far and returns the new part that is safe to send;
     ``finish(text)`` returns the rest (up to a stop string). ``stopped`` is set once a stop string is seen and
-    ``text`` then holds the completion's final text.
+    ``text`` then holds the completion's final text. With ``min_tokens`` (vLLM's request extension), a stop string
+    counts only once the completion has that many tokens (``n_tokens``) and only if it ends after the text those
+    first tokens made, as vLLM checks only the text added after them.
     """
 
-    def __init__(self, stops: list[str]):
+    def __init__(self, stops: list[str], min_tokens: int = 0):
         self.stops = stops
+        self.min_tokens = min_tokens
         self.sent = 0
         self.stopped = False
         self.text = ""
         self._search_from = 0
+        self._floor = 0  # a stop string must end after this many characters (the text of the first min_tokens)
 
-    def check(self, text: str) -> bool:
-        """Whether ``text`` contains a stop string (searching only the part that could hold a new one)."""
+    def check(self, text: str, n_tokens: int | None = None) -> bool:
+        """Whether ``text`` contains a stop string (searching only the part that could hold a new one);
+        ``n_tokens``: how many tokens made ``text`` (needed with ``min_tokens``)."""
         if not self.stops:
             return False
-        cut = find_stop(text, self.stops, self._search_from)
+        if n_tokens is not None and n_tokens < self.min_tokens:
+            self._floor = len(text)
+            return False
+        hits = [i for s in self.stops if (i := text.find(s, max(self._search_from, self._floor - len(s) + 1))) >= 0]
+        cut = min(hits) if hits else None
         self._search_from = max(0, len(text) - max(len(s) for s in self.stops))
         if cut is not None:
             self.stopped, self.text = True, text[:cut]
         return cut is not None
 
-    def feed(self, text: str) -> str:
+    def feed(self, text: str, n_tokens: int | None = None) -> str:
         if self.stopped:
             return ""
-        if self.check(text):
+        if self.check(text, n_tokens):
             return self.finish(text)
         end = safe_prefix_len(text, self.stops)
         delta = text[self.sent:end] if end > self.sent else ""

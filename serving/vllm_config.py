@@ -161,11 +161,13 @@ def engine_args(model: ModelConfig, section: VLLMSection, ranks: Mapping[str, in
 
 def sampling_kwargs(*, max_tokens: int, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
                     stop: list[str] | None = None, stop_token_ids: set[int] | None = None, logprobs: int = 0,
-                    prompt_logprobs: int | None = None) -> dict[str, Any]:
+                    prompt_logprobs: int | None = None, min_tokens: int = 0,
+                    ignore_eos: bool = False) -> dict[str, Any]:
     """``vllm.SamplingParams`` keyword arguments for one completion (``n`` completions are ``n`` requests with
     seeds ``seed + j``, as the CPU engine seeds its rows, so a sample does not depend on its batch). vLLM's
     ``logprobs=k`` returns the sampled token's logprob plus the top ``k``; ``prompt_logprobs`` scores the
-    prompt (``echo`` with ``logprobs``).
+    prompt (``echo`` with ``logprobs``); ``min_tokens`` and ``ignore_eos`` are vLLM's own (the CPU engine
+    implements them alike).
 
     >>> sampling_kwargs(max_tokens=8, temperature=0, stop=["\\n"], stop_token_ids={2})["stop_token_ids"]
     [2]
@@ -176,6 +178,50 @@ def sampling_kwargs(*, max_tokens: int, temperature: float = 1.0, top_p: float =
                                max_tokens=max_tokens, seed=seed, stop=list(stop or []),
                                stop_token_ids=sorted(stop_token_ids or ()), logprobs=logprobs,
                                skip_special_tokens=True)
+    if min_tokens:
+        out["min_tokens"] = min_tokens
+    if ignore_eos:
+        out["ignore_eos"] = True
     if prompt_logprobs is not None:
         out["prompt_logprobs"] = prompt_logprobs
+    return out
+
+
+def top_of(position: Mapping[int, tuple[float, int | None]], k: int) -> dict[int, float]:
+    """The ``k`` most likely tokens of one position, from vLLM's ``{token id: (logprob, rank)}`` (it adds the
+    sampled or prompt token whatever its rank), most likely first.
+
+    >>> top_of({5: (-0.1, 1), 7: (-2.0, 2), 9: (-4.0, 30)}, 2)
+    {5: -0.1, 7: -2.0}
+    """
+    ranked = sorted((r, t, lp) for t, (lp, r) in position.items() if r is not None and r <= k)
+    return {t: lp for _, t, lp in ranked}
+
+
+def choice_fields(token_ids: list[int], positions: list[Mapping[int, tuple[float, int | None]]] | None, k: int,
+                  prompt: list[int] | None = None,
+                  prompt_positions: list[Mapping[int, tuple[float, int | None]] | None] | None = None,
+                  drop_generated: bool = False) -> dict[str, Any]:
+    """A vLLM completion's logprobs as the serving engine's ``Choice`` fields: the chosen tokens' logprobs, the
+    top ``k`` per step (when ``k``), and with ``prompt`` the prompt tokens' logprobs (the first None) and their
+    top ``k``. ``drop_generated``: a request for ``max_tokens`` 0 (vLLM generates at least one token) keeps
+    only the prompt's scores.
+
+    >>> f = choice_fields([7], [{7: (-0.5, 2), 3: (-0.2, 1)}], 1, [1, 3], [None, {3: (-1.0, 1)}])
+    >>> f["logprobs"], f["top_logprobs"], f["prompt_logprobs"], f["prompt_top_logprobs"]
+    ([-0.5], [{3: -0.2}], [None, -1.0], [None, {3: -1.0}])
+    """
+    out: dict[str, Any] = {"token_ids": list(token_ids), "top_logprobs": None, "prompt_logprobs": None,
+                           "prompt_top_logprobs": None}
+    out["logprobs"] = [pos[t][0] for pos, t in zip(positions, token_ids, strict=True)] if positions else []
+    if k and positions:
+        out["top_logprobs"] = [top_of(pos, k) for pos in positions]
+    if prompt is not None:
+        if prompt_positions is None or len(prompt_positions) != len(prompt):
+            raise ValueError(f"prompt logprobs for {len(prompt_positions or [])} of {len(prompt)} prompt tokens")
+        out["prompt_logprobs"] = [None if pos is None else pos[t][0]
+                                  for pos, t in zip(prompt_positions, prompt, strict=True)]
+        out["prompt_top_logprobs"] = [None if pos is None else top_of(pos, k) for pos in prompt_positions]
+    if drop_generated:
+        out.update(token_ids=[], logprobs=[], top_logprobs=[] if k else None)
     return out

@@ -207,7 +207,7 @@ def test_check_adapter_rules():
 # ----------------------------------------------------------------------------------- config, builder
 
 
-@pytest.mark.parametrize("name", ["serve_tiny.yaml", "serve_qwen05b.yaml"])
+@pytest.mark.parametrize("name", ["serve_tiny.yaml", "serve_qwen05b.yaml", "serve_qwen05b_vllm.yaml"])
 def test_shipped_serve_configs_validate(name):
     cfg = load_config(ServeConfig, ROOT / "configs" / name)
     assert cfg.deployment.max_adapters_per_replica >= 1 and cfg.limits.max_tokens >= cfg.limits.default_max_tokens
@@ -252,13 +252,30 @@ def test_serve_job_refuses_a_bad_config_with_exit_2(tmp_path):
     assert p.returncode == 2 and "http.prot" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_the_serve_deploy_file_names_the_builder():
+def test_the_serve_deploy_file_carries_the_configs_http_section(tmp_path, monkeypatch):
+    """Serve's CLI starts its proxy from the deploy file's http_options, never from the application: the file
+    jobs/serve.py --deploy-config writes takes them from the config's http section (and the shipped one is it)."""
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    schema = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "configs" / "serve_tiny_deploy.yaml").read_text()))
+    from rayft.serving.config import deploy_file
+
+    monkeypatch.chdir(ROOT)
+    shipped = yaml.safe_load((ROOT / "configs" / "serve_tiny_deploy.yaml").read_text())
+    assert shipped == deploy_file("configs/serve_tiny.yaml")
+    out = tmp_path / "deploy.yaml"
+    p = subprocess.run([sys.executable, str(ROOT / "jobs" / "serve.py"), "--config", "configs/serve_tiny.yaml",
+                        "--set", "http.port=8123", "--set", "http.host=0.0.0.0", "--set", "app_name=other",
+                        "--deploy-config", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(out.read_text()))
+    assert (schema.http_options.host, schema.http_options.port) == ("0.0.0.0", 8123)
     (app,) = schema.applications
-    assert app.import_path == "rayft.serving.app:build_app" and (ROOT / app.args["config"]).is_file()
+    assert app.name == "other" and app.import_path == "rayft.serving.app:build_app"
+    assert app.args == {"config": "configs/serve_tiny.yaml", "http.port": "8123", "http.host": "0.0.0.0",
+                        "app_name": "other"}
+    with pytest.raises(ConfigError, match="http.port"):
+        deploy_file("configs/serve_tiny.yaml", ["http.port=99999"])
 
 
 def test_relative_paths_become_absolute(tmp_path, monkeypatch):
@@ -268,3 +285,21 @@ def test_relative_paths_become_absolute(tmp_path, monkeypatch):
     assert cfg.model.name_or_path == str(tmp_path / "m") and cfg.registry == str(tmp_path / "adapters")
     assert ServeConfig.model_validate({"model": {"name_or_path": "org/hub-id"}}).with_absolute_paths().model.name_or_path \
         == "org/hub-id"
+
+
+def test_min_tokens_holds_back_stop_strings_and_is_bounded_by_max_tokens():
+    """A stop string counts only once the completion has min_tokens tokens, and only where it ends after the
+    text of those first tokens (vLLM checks only the text added after them)."""
+    t = StopTracker(["x"], min_tokens=3)
+    assert not t.check("ax", 2) and not t.check("axb", 3) and t.check("axbx", 4) and t.text == "axb"
+    t = StopTracker(["xy"], min_tokens=2)
+    assert not t.check("ax", 1) and t.check("axy", 2) and t.text == "a"  # straddles the first tokens' end
+    assert parse(CompletionRequest, {"model": "m", "prompt": "a", "min_tokens": 4, "max_tokens": 4}).min_tokens == 4
+    for body in ({"prompt": "a", "max_tokens": 4}, {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4}):
+        cls = CompletionRequest if "prompt" in body else ChatCompletionRequest
+        with pytest.raises(APIError) as e:
+            check_limits(parse(cls, {"model": "m", **body, "min_tokens": 5}), LimitsSection())
+        assert e.value.status == 400 and e.value.param == "min_tokens" and "max_tokens (4)" in e.value.message
+    with pytest.raises(APIError) as e:
+        parse(CompletionRequest, {"model": "m", "prompt": "a", "min_tokens": -1})
+    assert e.value.param == "min_tokens"

@@ -6,6 +6,7 @@ max_tokens, streams text, and refuses work beyond its bound."""
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import pytest
 import torch
@@ -152,3 +153,29 @@ def test_a_full_queue_is_refused_with_retry_after(core):
     with pytest.raises(APIError) as e:
         asyncio.run(core.generate(GenerateRequest(prompts=[ps[0]] * 3, n=6, max_tokens=4), core.base.id))
     assert e.value.status == 503 and e.value.headers["Retry-After"] == "2"
+
+
+def test_min_tokens_and_ignore_eos(core):
+    """vLLM's request extensions: no stop token before min_tokens tokens (their logits are masked, so the row
+    goes on with the next best token), and ignore_eos runs a row past its stop tokens to max_tokens."""
+    stops, tok = core.engine.stop_ids, core.tokenizer
+    chats = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+             for q in ("What is 12 + 7?", "Hi there", "What is 30 - 4?")]
+    ps = [tok(c, add_special_tokens=False)["input_ids"] for c in chats] + prompts(tok)
+
+    def one(prompt, **kw):
+        return asyncio.run(core.generate(GenerateRequest(prompts=[prompt], temperature=0, **kw), core.base.id))[0]
+
+    # a prompt the tiny base answers with a stop token before 16 tokens (it stops early on chat prompts)
+    prompt, full = next((p, c) for p in ps if (c := one(p, max_tokens=24)).finish_reason == "stop"
+                        and len(c.token_ids) < 16)
+    assert full.token_ids[-1] in stops
+    one = functools.partial(one, prompt)
+    ended = len(full.token_ids)
+    held = one(max_tokens=24, min_tokens=ended + 4)
+    assert held.token_ids[:ended - 1] == full.token_ids[:ended - 1]
+    assert held.token_ids[ended - 1] != full.token_ids[-1] and not set(held.token_ids[:ended + 4]) & stops
+    assert len(held.token_ids) >= ended + 4
+    ignored = one(max_tokens=24, ignore_eos=True)
+    assert ignored.token_ids[:ended] == full.token_ids and len(ignored.token_ids) == 24
+    assert ignored.finish_reason == "length"

@@ -4,7 +4,8 @@ it, registered through rayft.artifacts, served beside the base by ONE Serve appl
 Greedy outputs equal the in-process PEFT model's, token for token, also when requests for different adapters
 share a decode batch (a divergence is allowed only where the two best logits are within 1e-4); the official
 ``openai`` client lists models, completes chats (streaming too) and completions; every error of the contract
-returns its status and body; an adapter registered while the server runs is served at once."""
+returns its status and body; an adapter registered while the server runs is served at once; lm-evaluation-harness
+(``local-completions``, a local task file) scores an adapter through the server."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import json
 import shutil
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,7 @@ pytestmark = pytest.mark.ray
 
 KEY = "sk-rayft-test"
 APP = "rayft-serving-test"
+ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["What is 12 + 7?", "What is 30 - 4?", "Tom has 3 apples and gets 4 more. How many apples?"]
 
 
@@ -312,8 +315,13 @@ def test_error_contract(server):
     # overload: more completions than the replica queues (64) -> 503 with Retry-After
     r = server.post("/v1/completions", {"model": "arith", "prompt": [[5, 6]] * 9, "n": 8, "max_tokens": 4})
     assert r.status_code == 503 and r.headers["Retry-After"] == "2" and err(r)["code"] == "overloaded"
-    # (the server-side timeout, 408, is not exercised here: the tiny base now stops its rows early, so no request
-    # of this size reliably outlasts the 3 s limit)
+    # the server-side timeout (3 s here): 64 rows of 256 tokens each (min_tokens: no row may stop early) in
+    # chunks of max_batch_rows 8 outlast it; the cancelled rows end at their next token
+    start = time.monotonic()
+    r = server.post("/v1/completions", {"model": "arith", "prompt": [[5, 6, 7]] * 8, "n": 8, "max_tokens": 256,
+                                        "min_tokens": 256, "temperature": 0})
+    assert r.status_code == 408 and err(r)["type"] == "timeout_error" and err(r)["code"] == "timeout", r.text
+    assert "3 s" in err(r)["message"] and 3 <= time.monotonic() - start < 10
     # and the server goes on serving
     assert server.post("/v1/chat/completions", chat).status_code == 200
 
@@ -332,3 +340,44 @@ def test_an_adapter_registered_while_serving_is_served_without_restart(server, t
 
     resident = serve.get_deployment_handle("Engine", app_name=APP).resident.remote().result()
     assert len(resident) <= 2 and any(r.startswith("arith-late@") for r in resident), resident
+
+
+def test_lm_evaluation_harness_scores_an_adapter_through_the_server(server, monkeypatch):
+    """lm-evaluation-harness's ``local-completions`` model on a local multiple-choice task file
+    (tests/data/lm_eval/arith_tiny.yaml): its per-choice log-likelihoods (sent as token ids, batched, with
+    echo + logprobs) equal the in-process PEFT model's, and its accuracy is the reference's argmax accuracy."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.chdir(ROOT)  # the task file names its data relative to the repository root
+    task_dir = ROOT / "tests" / "data" / "lm_eval"
+    out = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args={"model": "arith", "base_url": server.url + "/v1/completions", "tokenizer_backend": "huggingface",
+                    "tokenizer": str(server.paths["arith"]), "header": {"Authorization": f"Bearer {KEY}"},
+                    "batch_size": 16, "max_retries": 1},
+        tasks=["arith_tiny"], task_manager=TaskManager(include_path=str(task_dir)), log_samples=True,
+        random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+    docs = [json.loads(line) for line in (task_dir / "arith_tiny.jsonl").read_text().splitlines()]
+    assert out["n-samples"]["arith_tiny"]["effective"] == len(docs) == 20
+    acc = out["results"]["arith_tiny"]["acc,none"]
+    assert 0 <= acc <= 1
+
+    tok, ref = server.tokenizer, server.reference
+    ref.set_adapter("arith")
+    correct = 0
+    samples = sorted(out["samples"]["arith_tiny"], key=lambda s: s["doc_id"])
+    for doc, sample in zip(docs, samples, strict=True):
+        context = tok(f"{doc['question']} The answer is", add_special_tokens=False)["input_ids"]
+        scores = []
+        for choice in doc["choices"]:
+            cont = tok(f" {choice}", add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = ref(input_ids=torch.tensor([context + cont])).logits[0, len(context) - 1:-1]
+            scores.append(float(torch.log_softmax(logits, -1).gather(1, torch.tensor(cont)[:, None]).sum()))
+        served = [float(r[0]) for r in sample["filtered_resps"]]
+        assert served == pytest.approx(scores, abs=1e-3), doc
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == doc["label"])
+    assert acc == pytest.approx(correct / len(docs))

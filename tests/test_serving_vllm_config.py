@@ -105,3 +105,88 @@ def test_sampling_kwargs():
         sampling_kwargs(max_tokens=4, temperature=1.0, top_p=0)
     with pytest.raises(ValueError, match="max_tokens=0"):
         sampling_kwargs(max_tokens=0)
+    kw = sampling_kwargs(max_tokens=8, min_tokens=4, ignore_eos=True)
+    assert kw["min_tokens"] == 4 and kw["ignore_eos"] is True
+    assert "min_tokens" not in sampling_kwargs(max_tokens=8) and "ignore_eos" not in sampling_kwargs(max_tokens=8)
+
+
+def test_vllm_logprobs_become_the_choice_fields():
+    """vLLM's {token: (logprob, rank)} per position (the sampled or prompt token added whatever its rank) as
+    the engine's Choice fields; max_tokens 0 (vLLM generates one token anyway) keeps only the prompt's."""
+    from rayft.serving.vllm_config import choice_fields
+
+    steps = [{4: (-0.1, 1), 9: (-2.5, 2)}, {9: (-3.0, 7), 4: (-0.05, 1), 2: (-3.5, 2)}]
+    f = choice_fields([4, 9], steps, 2)
+    assert f["logprobs"] == [-0.1, -3.0] and f["top_logprobs"] == [{4: -0.1, 9: -2.5}, {4: -0.05, 2: -3.5}]
+    assert f["prompt_logprobs"] is None and choice_fields([4, 9], steps, 0)["top_logprobs"] is None
+    scored = choice_fields([4], steps[:1], 1, prompt=[3, 4, 9], prompt_positions=[None, *steps],
+                           drop_generated=True)
+    assert scored["token_ids"] == [] and scored["logprobs"] == [] and scored["top_logprobs"] == []
+    assert scored["prompt_logprobs"] == [None, -0.1, -3.0] and scored["prompt_top_logprobs"] == [None, {4: -0.1},
+                                                                                                {4: -0.05}]
+    with pytest.raises(ValueError, match="prompt logprobs for 2 of 3"):
+        choice_fields([4], steps[:1], 1, prompt=[3, 4, 9], prompt_positions=steps)
+
+
+# ------------------------------------------------------------------- the serve config's engine: vllm
+
+GPU = {"engine": "vllm", "device": "cuda", "deployment": {"num_gpus": 1, "num_cpus": 1}}
+
+
+@pytest.mark.parametrize(("data", "needle"), [
+    ({"engine": "vllm"}, "engine: vllm runs on GPUs only; set device: cuda"),
+    ({"engine": "vllm", "device": "cuda"}, r"deployment.num_gpus \(0\): engine vllm needs at least one whole GPU"),
+    ({**GPU, "vllm": {"max_lora_rank": 48}}, "vllm.max_lora_rank: 48 is not a value vLLM accepts"),
+    ({**GPU, "vllm": {"max_model_len": 256}, "limits": {"max_model_len": 512}},
+     r"vllm.max_model_len \(256\) is below limits.max_model_len \(512\)"),
+    ({"engine": "sglang"}, "engine: Input should be 'transformers' or 'vllm'"),
+])
+def test_serve_config_refuses_a_vllm_engine_it_cannot_run(data, needle):
+    from rayft.serving.config import ServeConfig
+
+    with pytest.raises(ConfigError, match=needle):
+        load_config(ServeConfig, data={"model": {"name_or_path": "m"}, **data})
+
+
+def _register(registry, name: str, rank: int, base: str):
+    import json
+
+    from rayft import artifacts
+
+    src = registry.parent / f"src-{name}"
+    src.mkdir()
+    (src / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "target_modules": ["q_proj"]}))
+    artifacts.register(src, registry, artifacts.Manifest(name=name, kind="adapter", base_model=base, lora_rank=rank))
+
+
+def test_the_app_builder_fixes_vllms_rank_from_the_registry_and_the_ingress_names_the_setting(tmp_path):
+    """Built without vLLM (it is imported only in the engine replica): max_lora_rank is the smallest allowed
+    value at or above the largest registered rank of this base's adapters (or the configured one when higher),
+    and an adapter above it is refused naming vllm.max_lora_rank."""
+    from ray.serve import Application
+
+    from rayft.serving.app import build_app
+    from rayft.serving.catalog import BaseInfo, Catalog
+    from rayft.serving.config import ServeConfig
+
+    base = tmp_path / "base"
+    base.mkdir()
+    registry = tmp_path / "registry"
+    for name, rank, on in (("a", 4, base), ("b", 12, base), ("other", 64, "another/model"), ("huge", 1024, base)):
+        _register(registry, name, rank, str(on))
+    data = {"model": {"name_or_path": str(base)}, "registry": str(registry), **GPU}
+    cfg = ServeConfig.model_validate(data).with_vllm_rank()
+    assert cfg.vllm.max_lora_rank == 16 and cfg.rank_limit() == (16, "vllm.max_lora_rank")
+    assert ServeConfig.model_validate({**data, "vllm": {"max_lora_rank": 64}}).with_vllm_rank().vllm.max_lora_rank == 64
+    assert ServeConfig.model_validate({**data, "adapters": ["a"]}).with_vllm_rank().vllm.max_lora_rank == 8
+    transformers_cfg = ServeConfig.model_validate({"model": {"name_or_path": str(base)}, "registry": str(registry)})
+    assert transformers_cfg.with_vllm_rank() is transformers_cfg and transformers_cfg.rank_limit() == (64, "max_lora_rank")
+    assert isinstance(build_app(data), Application)
+
+    _register(registry, "late", 32, str(base))  # registered while serving, above the running engine's rank
+    limit, setting = cfg.rank_limit()
+    catalog = Catalog(BaseInfo(id="base", name_or_path=str(base), max_lora_rank=limit, rank_setting=setting),
+                      str(registry))
+    assert set(catalog.models) == {"base", "a", "b"}
+    assert "raise vllm.max_lora_rank in the serve config and restart the server" in catalog.refused["late"]
+    assert "rank 1024" in catalog.refused["huge"]

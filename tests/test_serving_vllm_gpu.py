@@ -80,3 +80,61 @@ def test_vllm_loads_the_merged_export_and_gives_the_adapters_tokens(assets, lora
     merged = VLLMServingEngine({"name_or_path": str(out.out_dir), "dtype": "fp32"}, SECTION)
     got = loop.run_until_complete(merged.generate(prompts, max_tokens=16, temperature=0.0))
     assert [c.token_ids for c in got] == [c.token_ids for c in with_adapter]
+
+
+@pytest.mark.ray
+def test_the_app_with_engine_vllm_serves_the_base_and_an_adapter_over_http(ray_local, assets, lora_dir, served, loop,  # noqa: F811
+                                                                          tmp_path):
+    """``engine: vllm`` in the serve config: the Engine replica builds VLLMCore (vLLM imported there only); greedy
+    completions over HTTP equal the in-process vLLM engine's, echo scoring works, and an adapter registered
+    later above the rank fixed at start is refused with a 400 naming vllm.max_lora_rank."""
+    import socket
+
+    import requests
+    from peft import LoraConfig, get_peft_model
+    from ray import serve
+    from transformers import AutoModelForCausalLM
+
+    from rayft import artifacts
+    from rayft.serving.app import build
+    from rayft.serving.config import ServeConfig
+
+    registry = tmp_path / "registry"
+    base = str(assets["model"])
+    artifacts.register(lora_dir, registry, artifacts.Manifest(name="tiny-lora", kind="adapter", base_model=base,
+                                                              lora_rank=4))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = ServeConfig.model_validate({
+        "model": model_cfg(assets), "registry": str(registry), "engine": "vllm", "device": "cuda", "vllm": SECTION,
+        "limits": {"max_model_len": 512}, "deployment": {"num_gpus": 1, "num_cpus": 0}, "app_name": "rayft-vllm-test",
+        "http": {"port": port}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build(cfg), name="rayft-vllm-test", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        prompts = chat_prompts(served.tokenizer, QUESTIONS)
+        for model, load_id in ((cfg.base_id(), None), ("tiny-lora", "tiny-lora@v1")):
+            want = loop.run_until_complete(served.generate(prompts, max_tokens=16, temperature=0.0, load_id=load_id))
+            r = requests.post(url + "/v1/completions", json={"model": model, "prompt": prompts, "max_tokens": 16,
+                                                             "temperature": 0}, timeout=300)
+            assert r.status_code == 200, r.text
+            got = sorted(r.json()["choices"], key=lambda c: c["index"])
+            assert [c["text"] for c in got] == [w.text for w in want], model
+        r = requests.post(url + "/v1/completions", json={"model": "tiny-lora", "prompt": prompts[0], "max_tokens": 0,
+                                                         "echo": True, "logprobs": 1}, timeout=300)
+        assert r.status_code == 200, r.text
+        lp = r.json()["choices"][0]["logprobs"]
+        assert len(lp["tokens"]) == len(prompts[0]) and lp["token_logprobs"][0] is None
+        assert all(v <= 0 for v in lp["token_logprobs"][1:])
+
+        wide = get_peft_model(AutoModelForCausalLM.from_pretrained(assets["model"]),
+                              LoraConfig(r=16, lora_alpha=16, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+        wide.save_pretrained(tmp_path / "wide")
+        artifacts.register(tmp_path / "wide", registry, artifacts.Manifest(name="wide", kind="adapter", base_model=base,
+                                                                           lora_rank=16))
+        r = requests.post(url + "/v1/completions", json={"model": "wide", "prompt": "1+1=", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 400 and "raise vllm.max_lora_rank" in r.json()["error"]["message"], r.text
+    finally:
+        serve.shutdown()
