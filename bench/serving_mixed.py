@@ -601,6 +601,8 @@ def render(res: dict) -> str:
                     if side in s) + " (median); neither is in the window.",
         "",
     ]
+    if res.get("notes"):  # the analysis written beside a run (kept by --render)
+        lines += ["## Notes", "", *res["notes"], ""]
     return "\n".join(lines)
 
 
