@@ -22,6 +22,7 @@ Conventions both engines keep (the learner and the controller rely on them):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import logging
@@ -212,7 +213,16 @@ class TransformersEngine:
         rows = len(prompts) * n
         # PEFT's mixed-adapter batch: one adapter name per batch row, kept in step with the live rows
         row_adapters = [a for a in adapters for _ in range(n)] if adapters is not None else None
-        per_prompt = {"adapter_names": list(adapters)} if adapters is not None else {}
+        # rows' adapters: our batched per-row LoRA where it applies, else PEFT's own ``adapter_names``
+        row_lora = RowLora.for_batch(self.model, adapters) if adapters is not None else None
+
+        def lora_rows(names: list[str]) -> dict[str, Any]:
+            if row_lora is not None:
+                row_lora.set_rows(names)
+                return {}
+            return {"adapter_names": names}
+
+        per_prompt = lora_rows(list(adapters)) if adapters is not None else {}
         tops: list[list[dict[int, float]]] = [[] for _ in range(rows)]
         reasons: list[str | None] = [None] * rows
         gens = [torch.Generator().manual_seed(s) for s in seeds] if sampling.temperature > 0 else None
@@ -226,7 +236,7 @@ class TransformersEngine:
         if ignore_eos is not None and not any(ignore_eos):
             ignore_eos = None
         cache = DynamicCache(config=self.model.config)
-        with torch.inference_mode():
+        with torch.inference_mode(), (row_lora.active() if row_lora is not None else contextlib.nullcontext()):
             logits = self.model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
                                 use_cache=True, logits_to_keep=1, **per_prompt, **{self._cache_kw: cache}).logits[:, -1]
             if n > 1:
@@ -266,7 +276,7 @@ class TransformersEngine:
                     mask, last_pos, next_ids = mask[keep], last_pos[keep], next_ids[keep]
                 mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
                 last_pos = last_pos + 1
-                per_row = {"adapter_names": [row_adapters[r] for r in live]} if row_adapters is not None else {}
+                per_row = lora_rows([row_adapters[r] for r in live]) if row_adapters is not None else {}
                 logits = self.model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=last_pos[:, None],
                                     use_cache=True, **per_row, **{self._cache_kw: cache}).logits[:, -1]
         return [Completion(token_ids=tokens[r], logprobs=logprobs[r],
@@ -317,6 +327,84 @@ class TransformersEngine:
 
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
+
+
+class RowLora:
+    """Mixed-adapter batches in two batched matmuls per LoRA layer: the batch's adapters' A and B stacked per layer
+    (ranks zero-padded to the largest, the base a zero adapter), gathered by each row's adapter, and added to the
+    base layer's output as PEFT adds them (``B(A x) * scaling``), with PEFT's adapters switched off meanwhile.
+
+    PEFT's own mixed batches (``adapter_names=``) loop over the batch's adapters in every LoRA layer, indexing each
+    sub-batch out and back, and walk all the model's modules to install their hooks at every forward: with 8
+    adapters on the tiny model that was ~80% of a decode step (``bench/results/serving_mixed.md``). Plain LoRA on
+    linear layers only (no DoRA or other variants, nothing merged); any other model keeps PEFT's path."""
+
+    def __init__(self, layers: list, names: list[str]):
+        self.index = {n: i for i, n in enumerate(names)}
+        self.rows: torch.Tensor | None = None
+        self.stacks = []  # per layer: A (k, r, in), B (k, out, r), scaling (k,)
+        for m in layers:
+            present = [n for n in names if n in m.lora_A]
+            r = max((m.lora_A[n].weight.shape[0] for n in present), default=1)
+            w = m.base_layer.weight
+            a = w.new_zeros((len(names), r, w.shape[1]))
+            b = w.new_zeros((len(names), w.shape[0], r))
+            scale = w.new_zeros(len(names))
+            for n in present:
+                i, rank = self.index[n], m.lora_A[n].weight.shape[0]
+                a[i, :rank] = m.lora_A[n].weight
+                b[i, :, :rank] = m.lora_B[n].weight
+                scale[i] = m.scaling[n]
+            self.stacks.append((m, a, b, scale))
+
+    @classmethod
+    def for_batch(cls, model, adapters: list[str]) -> RowLora | None:
+        """The per-row LoRA of a batch naming ``adapters``, or None where PEFT's path must serve it."""
+        from peft import PeftModel
+        from peft.tuners.lora import LoraLayer
+        from peft.tuners.lora.layer import Linear
+
+        if not isinstance(model, PeftModel):
+            return None
+        names = list(dict.fromkeys(adapters))
+        layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        for m in layers:
+            if type(m) is not Linear or m.merged or any(n in m.lora_variant for n in names):
+                return None
+        if any(n != BASE_ADAPTER and not any(n in m.lora_A for m in layers) for n in names):
+            return None  # an unknown name: PEFT's path raises its own error
+        return cls(layers, names)
+
+    def set_rows(self, names: list[str]) -> None:
+        import torch
+
+        self.rows = torch.tensor([self.index[n] for n in names])
+
+    @contextlib.contextmanager
+    def active(self):
+        """PEFT's adapters off, the per-row deltas on (hooks), for the ``with`` block."""
+        def hook(a, b, scale):
+            def add(module, args, out):
+                x = args[0].to(a.dtype)
+                a_rows, b_rows, s_rows = a[self.rows], b[self.rows], scale[self.rows]
+                delta = torch.matmul(torch.matmul(x, a_rows.transpose(1, 2)), b_rows.transpose(1, 2))
+                return out + (delta * s_rows.view(-1, *[1] * (delta.dim() - 1))).to(out.dtype)
+            return add
+
+        import torch
+
+        # PEFT's switch is its private flag: enable_adapters(True) would also make the active adapter trainable
+        handles, before = [], [m.disable_adapters for m, *_ in self.stacks]
+        try:
+            for m, a, b, scale in self.stacks:
+                m._disable_adapters = True
+                handles.append(m.register_forward_hook(hook(a, b, scale)))
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            for (m, *_), flag in zip(self.stacks, before, strict=True):
+                m._disable_adapters = flag
 RowDone = Callable[[int, list[int]], "str | None"]
 OnToken = Callable[[int, int, float], None]
 
