@@ -9,10 +9,12 @@ is the base with adapters disabled on both sides, computed beside the policy at 
 before training on both sides (``--precompute``). No packing on either side (rayft does not pack pairs); TRL's
 ``padding_free`` (unpadded rows, not packing) is one of its pilot candidates and kept when faster.
 
-1. a **pilot** of TRL candidates (per-device batch x accumulation splits of the same pairs per step;
-   DPO also padding-free) keeps the fastest;
-2. **interleaved repeats** (TRL, rayft 1 worker x 2 threads, rayft 2 workers x 1 thread; then again) give the
-   **median** pairs/s of each and the ratio of rayft's better setting to TRL.
+1. a **pilot** runs each candidate once and keeps each tool's fastest: TRL's per-device batch x accumulation
+   splits of the same pairs per step (DPO also padding-free); rayft's same splits (one micro-batch per worker
+   per step, or two accumulated) in 1 worker x 2 threads or 2 workers x 1 thread (the split does not change
+   the maths: the engine normalises by the global pair count);
+2. **interleaved repeats** of the two fastest configurations give each tool's **median** pairs/s, its spread
+   (min, max) and **start-up** (process start to the first optimizer step's start), and the ratio of medians.
 
 **pairs/s** = pairs of the optimizer steps ``warmup+1 .. warmup+measure`` / the wall time from the end of step
 ``warmup`` to the end of step ``warmup+measure``, each end taken before that step's logging (rayft: the
@@ -22,6 +24,7 @@ every ``logging_steps`` (10), so the window holds the same number of reports on 
 fresh process; start-up is not in the window.
 
     python bench/preference_throughput.py                # ~15 min; writes bench/results/preference_throughput.{md,json}
+    python bench/preference_throughput.py --jobs dpo     # one job: merged into the results file's other jobs
     python bench/preference_throughput.py --quick --out /tmp/pref-smoke    # smoke run (not a measurement)
 """
 
@@ -62,6 +65,7 @@ class Job:
     workers: int = 1  # rayft
     threads: int = 2
     trl: dict = field(default_factory=dict)  # per_device, grad_accum, padding_free
+    micro: int = 0  # rayft: pairs per micro-batch per worker (0: a step's pairs per worker in one micro-batch)
 
     @property
     def total_steps(self) -> int:
@@ -97,6 +101,9 @@ def trl_run(job: Job) -> dict:
     records: list[dict] = []
 
     class StepClock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            records.append({"step": 0, "time": time.time()})  # start-up ends: the first step begins
+
         def on_step_end(self, args, state, control, **kwargs):
             records.append({"step": state.global_step, "time": time.time()})
 
@@ -136,7 +143,7 @@ def rayft_run(job: Job) -> dict:
     from rayft.runs import read_metrics
 
     cls = DPOConfig if job.kind == "dpo" else RewardModelConfig
-    micro = job.pairs_per_step // 2  # two micro-batches per step in all workers (TRL: its split, from the pilot)
+    micro = job.micro or job.pairs_per_step // job.workers
     extra = {"dpo": {"beta": 0.1, "loss_type": "sigmoid", "precompute_ref_logps": job.precompute}} \
         if job.kind == "dpo" else {}
     cfg = load_config(cls, data={
@@ -157,7 +164,8 @@ def rayft_run(job: Job) -> dict:
         ray.shutdown()
     records = [{"step": r["step"], "time": r["time"]} for r in read_metrics(result.run_dir) if "time" in r]
     return {"records": records, "measure": window(records, job.warmup, job.warmup + job.measure, job.pairs_per_step),
-            "rayft": {"micro_batch_size": cfg.train.micro_batch_size, "grad_accum": cfg.train.grad_accum}}
+            "rayft": {"workers": job.workers, "threads_per_worker": job.threads // job.workers,
+                      "micro_batch_size": cfg.train.micro_batch_size, "grad_accum": cfg.train.grad_accum}}
 
 
 # ------------------------------------------------------------------------------------------------- driver
@@ -169,11 +177,16 @@ def run(job: Job) -> dict:
         spec, out = Path(tmp, "job.json"), Path(tmp, "out.json")
         spec.write_text(json.dumps(asdict(job)))
         env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        spawned = time.time()
         p = subprocess.run([sys.executable, __file__, "--run", str(spec), str(out)], env=env, capture_output=True,
                            text=True, timeout=1800)
         if p.returncode:
             raise RuntimeError(f"{job.tool} {job.kind} run failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
-        return json.loads(out.read_text())
+        result = json.loads(out.read_text())
+        # start-up: process start to the first optimizer step's start (TRL: on_train_begin; rayft: the step-0
+        # record, written after its initial evaluation, right before step 1)
+        result["startup_s"] = min(r["time"] for r in result["records"] if r["step"] == 0) - spawned
+        return result
 
 
 def trl_candidates(kind: str, pairs: int) -> list[dict]:
@@ -183,37 +196,84 @@ def trl_candidates(kind: str, pairs: int) -> list[dict]:
     return splits
 
 
+def rayft_candidates(pairs: int) -> list[dict]:
+    """The same splits of a step's pairs as TRL's (one micro-batch, or two accumulated), in 1 worker x 2
+    threads or 2 workers x 1 thread (``micro`` is per worker)."""
+    return [{"workers": w, "micro": pairs // w // a} for w in (1, 2) for a in (1, 2)]
+
+
+def spread(values: list[float]) -> dict:
+    return {"n": len(values), "median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
 def bench(kind: str, base: Job, repeats: int) -> dict:
-    pilot = []
-    for cand in trl_candidates(kind, base.pairs_per_step):
-        job = Job(**{**asdict(base), "kind": kind, "tool": "trl", "trl": cand})
-        pilot.append({"trl": cand, **run(job)["measure"]})
-        print(f"  pilot {kind} TRL {cand}: {pilot[-1]['pairs_per_s']:.1f} pairs/s", flush=True)
-    best = max(pilot, key=lambda r: r["pairs_per_s"])["trl"]
-    setups = {"trl": {"tool": "trl", "trl": best}, "rayft-1x2": {"tool": "rayft", "workers": 1},
-              "rayft-2x1": {"tool": "rayft", "workers": 2}}
-    runs: dict[str, list[float]] = {name: [] for name in setups}
+    """Pilot of both tools' candidates (one run each), then ``repeats`` interleaved runs of each tool's fastest."""
+    pilot: dict[str, list] = {"trl": [], "rayft": []}
+    cands = [("trl", {"tool": "trl", "trl": c}) for c in trl_candidates(kind, base.pairs_per_step)]
+    cands += [("rayft", {"tool": "rayft", **c}) for c in rayft_candidates(base.pairs_per_step)]
+    for tool, over in cands:
+        res = run(Job(**{**asdict(base), "kind": kind, **over}))
+        pilot[tool].append({"config": {k: v for k, v in over.items() if k != "tool"}, **res["measure"],
+                            "startup_s": res["startup_s"]})
+        print(f"  pilot {kind} {tool} {pilot[tool][-1]['config']}: {res['measure']['pairs_per_s']:.1f} pairs/s",
+              flush=True)
+    best = {tool: max(p, key=lambda r: r["pairs_per_s"])["config"] for tool, p in pilot.items()}
+    runs: dict[str, list[float]] = {"trl": [], "rayft": []}
+    startup: dict[str, list[float]] = {"trl": [], "rayft": []}
     for r in range(repeats):
-        for name, over in setups.items():
-            m = run(Job(**{**asdict(base), "kind": kind, **over}))["measure"]
-            runs[name].append(m["pairs_per_s"])
-            print(f"  repeat {r + 1} {kind} {name}: {m['pairs_per_s']:.1f} pairs/s", flush=True)
-    med = {name: statistics.median(v) for name, v in runs.items()}
-    best_rayft = max(med["rayft-1x2"], med["rayft-2x1"])
-    return {"pilot": pilot, "trl_config": best, "runs": runs, "median_pairs_per_s": med,
-            "ratio_rayft_over_trl": best_rayft / med["trl"]}
+        for tool in ("trl", "rayft"):
+            res = run(Job(**{**asdict(base), "kind": kind, "tool": tool, **best[tool]}))
+            runs[tool].append(res["measure"]["pairs_per_s"])
+            startup[tool].append(res["startup_s"])
+            print(f"  repeat {r + 1} {kind} {tool}: {runs[tool][-1]:.1f} pairs/s, start-up {startup[tool][-1]:.1f} s",
+                  flush=True)
+    pairs = {tool: spread(v) for tool, v in runs.items()}
+    return {"pilot": pilot, "config": best, "runs": runs, "pairs_per_s": pairs,
+            "startup_s": {tool: spread(v) for tool, v in startup.items()},
+            "ratio_rayft_over_trl": pairs["rayft"]["median"] / pairs["trl"]["median"]}
+
+
+def machine() -> dict:
+    import platform
+
+    import torch
+    import transformers
+    import trl
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": "TRL: 2 (torch.set_num_threads); rayft: "
+            "2 per process with 1 worker, 1 per worker with 2", "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}
 
 
 def markdown(rep: dict) -> str:
+    m = rep["machine"]
     lines = ["# Preference throughput (pairs/s, median of repeats)", "",
-             f"{rep['when']}; {rep['repeats']} repeats; {rep['pairs_per_step']} pairs per step; steps "
-             f"{rep['warmup'] + 1}..{rep['warmup'] + rep['measure']} measured; reference "
-             f"{'precomputed' if rep['precompute'] else 'computed every step'} on both sides.", "",
-             "| job | TRL (fastest: config) | rayft 1x2 | rayft 2x1 | rayft / TRL |", "| --- | --- | --- | --- | --- |"]
+             f"Machine: {m['cores']}-core CPU ({m['cpu']}), no GPU; torch threads: {m['torch_threads']}. "
+             f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, TRL {m['trl']}.", "",
+             f"{rep['pairs_per_step']} pairs per step; steps {rep['warmup'] + 1}..{rep['warmup'] + rep['measure']} "
+             f"measured; reference {'precomputed' if rep['precompute'] else 'computed every step'} on both sides. "
+             "Each tool runs in its fastest configuration from a pilot (one run per candidate), then each "
+             "fastest configuration runs `n` times, interleaved: median [min..max]. Start-up: process start to "
+             "the first optimizer step's start (rayft: Ray start, tokenizing, model load, DeepSpeed set-up and "
+             "its step-0 evaluation).", "",
+             "| job | when | n | TRL pairs/s | rayft pairs/s | rayft / TRL | TRL start-up s | rayft start-up s |"
+             " TRL config | rayft config |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def fmt(s: dict, digits: int) -> str:
+        return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}..{s['max']:.{digits}f}]"
+
     for kind, r in rep["jobs"].items():
-        m = r["median_pairs_per_s"]
-        lines.append(f"| {kind} | {m['trl']:.1f} ({r['trl_config']}) | {m['rayft-1x2']:.1f} | {m['rayft-2x1']:.1f} | "
-                     f"{r['ratio_rayft_over_trl']:.2f}x |")
+        p, s = r["pairs_per_s"], r["startup_s"]
+        lines.append(f"| {kind} | {r['when']} | {p['trl']['n']} | {fmt(p['trl'], 1)} | {fmt(p['rayft'], 1)} | "
+                     f"{r['ratio_rayft_over_trl']:.2f}x | {fmt(s['trl'], 1)} | {fmt(s['rayft'], 1)} | "
+                     f"{r['config']['trl']} | {r['config']['rayft']} |")
+    lines += ["", "Pilot (pairs/s, one run each):", ""]
+    for kind, r in rep["jobs"].items():
+        for tool, runs in r["pilot"].items():
+            lines.append(f"- {kind} {tool}: " + "; ".join(f"{c['config']}: {c['pairs_per_s']:.1f}" for c in runs))
     return "\n".join(lines) + "\n"
 
 
@@ -237,12 +297,17 @@ def main(argv: list[str] | None = None) -> int:
     repeats = 1 if args.quick else 3
     base = Job(kind="dpo", tool="trl", model_dir=str(model), train=str(train), out_dir=str(work),
                precompute=args.precompute, **({"warmup": 2, "measure": 4, "logging_steps": 2} if args.quick else {}))
-    rep = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "repeats": repeats,
-           "pairs_per_step": base.pairs_per_step, "warmup": base.warmup, "measure": base.measure,
-           "precompute": args.precompute, "jobs": {k: bench(k, base, repeats) for k in args.jobs.split(",")}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "preference_throughput" + ("_precompute" if args.precompute else "")
+    settings = {"repeats": repeats, "pairs_per_step": base.pairs_per_step, "warmup": base.warmup,
+                "measure": base.measure, "precompute": args.precompute}
+    old = json.loads((out / f"{stem}.json").read_text()) if (out / f"{stem}.json").exists() else {}
+    # a run of some --jobs merges into earlier results of the same settings (each job keeps its own date)
+    jobs = old.get("jobs", {}) if all(old.get(k) == v for k, v in settings.items()) and "machine" in old else {}
+    for kind in args.jobs.split(","):
+        jobs[kind] = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **bench(kind, base, repeats)}
+    rep = {**settings, "machine": machine(), "jobs": jobs}
     (out / f"{stem}.json").write_text(json.dumps(rep, indent=2))
     (out / f"{stem}.md").write_text(markdown(rep))
     print(markdown(rep))

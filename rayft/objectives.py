@@ -141,7 +141,7 @@ class PairwiseRewardObjective:
 
     def _rewards(self, engine, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         t = mb.to(engine.device)
-        scores = engine.forward(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits[:, 0].float()
+        scores = engine.forward(**pair_inputs(t)).logits[:, 0].float()
         b = scores.shape[0] // 2
         return scores[:b], scores[b:], t.get("margin")
 
@@ -165,6 +165,15 @@ class PairwiseRewardObjective:
 
 
 # ------------------------------------------------------------------------------------------ preference pairs
+
+
+def pair_inputs(t: dict) -> dict:
+    """The model inputs of collated pairs: ``input_ids`` only. The rows are right-padded, so under the causal
+    mask a real token attends only to real tokens before it; without a padding mask the attention runs SDPA's
+    causal kernel and no ``[2B, 1, T, T]`` mask is built for every forward. Outputs at padded positions are
+    never read: a score head takes the last token that is not padding (from ``input_ids``), log-probs sum
+    over ``response_mask``."""
+    return {"input_ids": t["input_ids"]}
 
 
 def pairs_batch(pairs: PairSet, pad_id: int) -> MicroBatch:
@@ -252,7 +261,7 @@ class DPOObjective:
 
     @staticmethod
     def _logps(forward, t: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = forward(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
+        logits = forward(**pair_inputs(t)).logits
         return sequence_logps(logits, t["input_ids"], t["response_mask"])
 
     def _reference(self, engine, t: dict, lookup: bool) -> torch.Tensor:

@@ -141,8 +141,8 @@ class Loop:
     def run(self) -> None:
         engine, t = self.engine, self.cfg.train
         total = self.lc.total_steps
-        if engine.state.step == 0:  # the starting point, so every run shows how far it moved
-            self.log({"step": 0, **self.evaluate()})
+        if engine.state.step == 0:  # the starting point, so every run shows how far it moved; "time": when
+            self.log({"step": 0, **self.evaluate(), "time": time.time()})  # training starts (start-up ends)
         window, last = Window({}), {}
         engine.ds.train()
         while engine.state.step < total:

@@ -167,3 +167,37 @@ def test_score_heads_train_and_reload_with_plain_peft(head, auto, dist_group, as
                                                        pad_token_id=tok.pad_token_id)
     plain = PeftModel.from_pretrained(base, tmp_path / "out").eval()
     torch.testing.assert_close(_logits(plain, ids), out, atol=1e-5, rtol=1e-5)
+
+
+def test_right_padded_pairs_score_as_each_sequence_alone(dist_group, assets, tmp_path, examples):
+    """Pair batches run without a padding mask (:func:`rayft.objectives.pair_inputs`: causal attention on
+    right-padded rows). The reward scores and the DPO log-probs of a padded batch must be those of every
+    sequence run alone, unpadded."""
+    from rayft.objectives import DPOObjective, PairwiseRewardObjective
+
+    train, tok = examples
+    lengths = [25, 12, 19, 8]  # chosen 0, chosen 1, rejected 0, rejected 1
+    seqs = [train[i].input_ids[:n] for i, n in enumerate(lengths)]
+    assert all(tok.pad_token_id not in s for s in seqs)  # the score head finds the last non-pad token
+    width = max(lengths)
+    ids = torch.full((4, width), tok.pad_token_id)
+    attn, resp = torch.zeros(4, width, dtype=torch.long), torch.zeros(4, width, dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, :len(s)], attn[row, :len(s)], resp[row, 4:len(s)] = torch.tensor(s), 1, 1
+    batch = {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
+
+    reward = engine_for(assets, tmp_path, head="seq_cls", pad_token_id=tok.pad_token_id)
+    reward.ds.eval()
+    with torch.no_grad():
+        chosen, rejected, _ = PairwiseRewardObjective()._rewards(reward, MicroBatch(batch))
+        alone = [reward.forward(input_ids=torch.tensor([s])).logits[0, 0] for s in seqs]
+    torch.testing.assert_close(torch.cat([chosen, rejected]), torch.stack(alone), atol=1e-5, rtol=1e-5)
+
+    policy = engine_for(assets, tmp_path / "dpo")
+    policy.ds.eval()
+    with torch.no_grad():
+        logps, counts = DPOObjective._logps(policy.forward, batch)
+        one = [DPOObjective._logps(policy.forward, {k: v[row:row + 1, :n] for k, v in batch.items()})[0][0]
+               for row, n in enumerate(lengths)]
+    torch.testing.assert_close(logps, torch.stack(one), atol=1e-4, rtol=1e-5)
+    assert counts.tolist() == [n - 4 for n in lengths]
