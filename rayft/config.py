@@ -533,8 +533,9 @@ def changed_fields(old: dict, new: dict, allowed: tuple[str, ...] = RESUME_MAY_C
     """
     a, b = _flatten(old), _flatten(new)
     # a field the saved config lacks came with a newer rayft: the run used that field's default
+    # an allowed mapping (train.worker_resources) is flattened to its entries: they are allowed with it
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a)
-            if a.get(k) != b.get(k) and k not in allowed]
+            if a.get(k) != b.get(k) and k not in allowed and not k.startswith(tuple(f"{f}." for f in allowed))]
 
 
 def resolve_paths(cfg: C, base: str | Path | None = None) -> C:

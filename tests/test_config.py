@@ -159,3 +159,8 @@ def test_changed_fields_lists_what_a_resume_may_not_change():
                                                         "train.logging_steps=3", "data.max_seq_len=128"])
     assert changed_fields(dump_config(a), dump_config(b)) == [
         "data.max_seq_len: 512 -> 128", f"train.lr: {a.train.lr!r} -> 0.001"]
+    # placement may change on resume (the workers may land elsewhere), entries of a mapping included
+    c = load_config(SFTConfig, data=MINIMAL, overrides=["train.worker_resources={node_a: 1}"])
+    d = load_config(SFTConfig, data=MINIMAL, overrides=["train.worker_resources={node_b: 1}",
+                                                        "train.placement_strategy=SPREAD"])
+    assert changed_fields(dump_config(c), dump_config(d)) == []

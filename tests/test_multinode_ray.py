@@ -82,12 +82,15 @@ class Cluster:
     def actors(self, *class_names: str) -> list[dict]:
         return [a for a in state(self.dashboard, self.env)["actors"] if a["class_name"] in class_names]
 
-    def job(self, script: str, config: str, overrides: list[str], *, wait: bool = True):
+    def job(self, script: str, config: str, overrides: list[str], *, log: Path | None = None):
+        """``python jobs/<script>`` against this cluster: waits and checks its exit status, or, given a log
+        file, returns the running process (its own process group, so that it can be killed whole)."""
         cmd = [sys.executable, str(ROOT / "jobs" / script), "--config", config,
                *[a for o in overrides for a in ("--set", o)]]
-        if not wait:
-            return subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, start_new_session=True)
+        if log is not None:
+            with open(log, "w") as out:
+                return subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
         p = subprocess.run(cmd, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         return p
@@ -229,26 +232,34 @@ def test_a_run_killed_after_a_checkpoint_resumes_on_the_other_node_from_shared_s
     (a directory both nodes reach), then its driver is killed. The resubmission, placed on node_b, starts at
     that checkpoint's step (attempts.jsonl): a restart from step 0 fails the test."""
     run_dir = tmp_path / "runs" / "resume"
-    seen = {a["actor_id"] for a in cluster.actors("RayTrainWorker")}
+    seen = {a["actor_id"] for a in cluster.actors("RayTrainWorker", "TrainController")}
+    log = tmp_path / "attempt1.log"
     first = cluster.job("sft.py", "configs/sft_tiny.yaml", _sft_overrides(
         assets, tmp_path, "resume", "train.max_steps=400", "train.save_steps=3",
-        'train.worker_resources={"node_a": 1}'), wait=False)
+        'train.worker_resources={"node_a": 1}'), log=log)
     try:
         deadline = time.monotonic() + 240
         while _latest_checkpoint_step(run_dir) is None:
-            assert first.poll() is None, f"attempt 1 ended before a checkpoint: {first.stdout.read()[-3000:]}"
+            assert first.poll() is None, f"attempt 1 ended before a checkpoint: {log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, "no checkpoint within 240 s"
             time.sleep(0.2)
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-        first.stdout.close()
-    workers = _new(cluster, "RayTrainWorker", seen)  # alive or exiting: the driver's death ends its job
+    # the driver's death ends its job; once its controller and workers are gone no checkpoint can follow
+    deadline = time.monotonic() + 60
+    while True:
+        gone = [a for a in cluster.actors("RayTrainWorker", "TrainController") if a["actor_id"] not in seen]
+        if all(a["state"] == "DEAD" for a in gone) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert all(a["state"] == "DEAD" for a in gone), gone
+    workers = [a for a in gone if a["class_name"] == "RayTrainWorker"]
     assert _nodes_of(cluster, workers) == ["node_a", "node_a"]
     step = _latest_checkpoint_step(run_dir)
     assert step is not None and step >= 3 and step % 3 == 0
 
-    seen |= {a["actor_id"] for a in workers}
+    seen |= {a["actor_id"] for a in gone}
     cluster.job("sft.py", "configs/sft_tiny.yaml", _sft_overrides(
         assets, tmp_path, "resume", f"train.max_steps={step + 2}", "train.save_steps=3",
         'train.worker_resources={"node_b": 1}'))
