@@ -45,18 +45,20 @@ class ActorGroup:
 
     def __init__(self, cls: type, n: int, *, role: str, num_cpus: float = 1, num_gpus: float = 0,
                  strategy: str = "PACK", timeout_s: float = 300, init_args: tuple = (), env: dict | None = None,
-                 init_kwargs: dict | None = None):
+                 init_kwargs: dict | None = None, resources: dict[str, float] | None = None):
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.role, self.timeout_s = role, timeout_s
-        bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+        resources = dict(resources or {})  # custom resources: they pin the ranks to nodes that offer them
+        bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {}), **resources}
         self.pg = placement_group([bundle] * n, strategy=strategy)
         self._get(self.pg.ready(), "placement group")
         remote_cls = ray.remote(cls)
         self.actors = [
-            remote_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, runtime_env={"env_vars": env} if env else None,
+            remote_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
+                               runtime_env={"env_vars": env} if env else None,
                                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i))
             .remote(*init_args, **(init_kwargs or {}))
             for i in range(n)

@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # ``changed_fields``): how long it trains and how it reports, never what or how it learns.
 RESUME_MAY_CHANGE = (
     "train.max_steps", "train.epochs", "train.logging_steps", "train.eval_steps", "train.save_steps",
-    "train.keep_checkpoints", "train.max_failures", "run.progress", "data.num_proc",
+    "train.keep_checkpoints", "train.max_failures", "train.placement_strategy", "train.worker_resources",
+    "run.progress", "data.num_proc",
 )
 
 
@@ -208,6 +209,22 @@ class DataConfig(Strict):
                                        "test": self.test and fix(self.test)})
 
 
+BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+RESOURCES_DOC = ("custom Ray resources each worker (actor) needs, e.g. {node_a: 1}: it goes only to nodes started "
+                 "with them (ray start --resources '{\"node_a\": 4}')")
+
+
+def check_custom_resources(v: dict[str, float]) -> dict[str, float]:
+    """A field validator for a ``resources`` mapping: custom resource names only, positive amounts."""
+    for name, amount in v.items():
+        if name in BUILTIN_RESOURCES:
+            raise ValueError(f"{name!r} is not a custom resource: CPUs and GPUs have their own fields "
+                             "(train.cpus_per_worker, train.use_gpu; cpus/gpus for an RL role)")
+        if amount <= 0:
+            raise ValueError(f"{name!r}: an amount must be > 0, got {amount:g}")
+    return v
+
+
 class TrainConfig(Strict):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
@@ -227,7 +244,14 @@ class TrainConfig(Strict):
     save_steps: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(3, ge=-1, description="worker crashes tolerated; -1 = unlimited")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how Ray Train places the workers' placement group (ScalingConfig.placement_strategy): "
+        "PACK = as few nodes as fit, SPREAD = across nodes where possible, STRICT_PACK = one node or nothing, "
+        "STRICT_SPREAD = one worker per node or nothing")
+    worker_resources: dict[str, float] = Field(default_factory=dict, description=RESOURCES_DOC)
     seed: int = 0
+
+    _resources = field_validator("worker_resources")(check_custom_resources)
 
 
 class DeepSpeedConfig(Strict):
@@ -509,8 +533,9 @@ def changed_fields(old: dict, new: dict, allowed: tuple[str, ...] = RESUME_MAY_C
     """
     a, b = _flatten(old), _flatten(new)
     # a field the saved config lacks came with a newer rayft: the run used that field's default
+    # an allowed mapping (train.worker_resources) is flattened to its entries: they are allowed with it
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a)
-            if a.get(k) != b.get(k) and k not in allowed]
+            if a.get(k) != b.get(k) and k not in allowed and not k.startswith(tuple(f"{f}." for f in allowed))]
 
 
 def resolve_paths(cfg: C, base: str | Path | None = None) -> C:

@@ -168,7 +168,8 @@ def torch_trainer(cfg: TrainingJobConfig, prepared: Prepared, objective, plan: P
         train_loop_per_worker,
         train_loop_config={"loop": loop},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+                                     resources_per_worker={"CPU": t.cpus_per_worker, **t.worker_resources},
+                                     placement_strategy=t.placement_strategy),
         run_config=RunConfig(
             name=cfg.run.name,
             storage_path=cfg.run.storage_path,

@@ -2,7 +2,8 @@
 
 The learner is the training engine, so the shared sections keep their meaning: ``model``, ``finetune``
 (``init_adapter`` starts from a registered adapter, which is also the reference policy), ``deepspeed``,
-``run``, and ``train``, where ``num_workers``/``use_gpu``/``cpus_per_worker`` place the learner ranks,
+``run``, and ``train``, where ``num_workers``/``use_gpu``/``cpus_per_worker``/``worker_resources``/
+``placement_strategy`` place the learner ranks,
 ``max_steps`` counts RL steps (one rollout batch each), ``eval_steps`` and ``save_steps`` say how often the
 held-out evaluation and the checkpoints run, ``micro_batch_size`` is sequences per learner forward and
 ``seed`` seeds sampling per step and prompt. Nothing below repeats those.
@@ -20,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from rayft.config import RunConfig, Strict, TrainingJobConfig
+from rayft.config import RESOURCES_DOC, RunConfig, Strict, TrainingJobConfig, check_custom_resources
 
 BUILTIN_REWARDS = ("correctness", "closeness", "format", "length")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -164,8 +165,11 @@ class RoleConfig(Strict):
     num: int = Field(1, ge=1)
     cpus: float = Field(1.0, ge=0)
     gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict, description=RESOURCES_DOC)
     timeout_s: float = Field(300.0, gt=0, description="a remote call still running after this is retried")
     retries: int = Field(2, ge=0, description="retries on a fresh actor before the run stops naming the role")
+
+    _resources = field_validator("resources")(check_custom_resources)
 
 
 class RolloutRoleConfig(RoleConfig):
@@ -175,8 +179,9 @@ class RolloutRoleConfig(RoleConfig):
 
 
 class LearnerRoleConfig(Strict):
-    """The learner ranks are placed by ``train.num_workers``/``use_gpu``/``cpus_per_worker``; here only how
-    their calls (steps, collectives, weight gathering) time out."""
+    """The learner ranks (and PPO's critic ranks) are placed by ``train.num_workers``/``use_gpu``/
+    ``cpus_per_worker``/``worker_resources``, in one placement group of ``train.placement_strategy``; here
+    only how their calls (steps, collectives, weight gathering) time out."""
 
     timeout_s: float = Field(600.0, gt=0)
     retries: int = Field(0, ge=0, description="a learner step is not retried by default: it is stateful")
@@ -187,7 +192,8 @@ class RolesConfig(Strict):
     reward: RoleConfig = RoleConfig(cpus=0.5, timeout_s=120.0)
     learner: LearnerRoleConfig = LearnerRoleConfig()
     placement: Literal["colocated", "separate"] = Field(
-        "colocated", description="colocated: rollout shares the learners' devices; separate: its own")
+        "colocated", description="colocated: rollout shares the learners' devices; separate: its own (which node "
+        "each role lands on: roles.<role>.resources and train.placement_strategy)")
 
 
 class SyncConfig(Strict):

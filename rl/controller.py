@@ -136,7 +136,13 @@ def check_resources(cfg: RLConfig) -> None:
     t, r, w = cfg.train, cfg.roles.rollout, cfg.roles.reward
     learners = 2 if cfg.algorithm == "ppo" else 1
     need = learners * t.num_workers * t.cpus_per_worker + r.num * r.cpus + w.num * w.cpus
-    have = ray.cluster_resources().get("CPU", 0)
+    cluster = ray.cluster_resources()
+    for name, res in (("roles.rollout.resources", r.resources), ("roles.reward.resources", w.resources),
+                       ("train.worker_resources", t.worker_resources)):
+        if missing := sorted(k for k in res if k not in cluster):
+            raise ConfigError(f"{name} names {', '.join(missing)}, which no node of this Ray offers "
+                              "(start nodes with ray start --resources '{\"<name>\": <amount>}')")
+    have = cluster.get("CPU", 0)
     if need > have + 1e-9:
         raise ConfigError(
             f"the RL roles need {need:g} CPUs but this Ray has {have:g}: learner train.num_workers x "
@@ -163,6 +169,7 @@ class Roles:
         learner_args = (cfg.model_dump(mode="json"), RLConfig, "causal_lm", total_updates)
         self.learner = ActorGroup(
             LearnerWorker, t.num_workers, role="learner", num_cpus=t.cpus_per_worker, num_gpus=gpus,
+            strategy=t.placement_strategy, resources=t.worker_resources,
             timeout_s=cfg.roles.learner.timeout_s, env=env,
             init_args=(*learner_args,), init_kwargs=dict(reference=cfg.needs_reference(),
                                                          init_adapter=init_adapter, pad_token_id=pad_token_id))
@@ -171,6 +178,7 @@ class Roles:
             critic_cfg = cfg.model_copy(update={"train": t.model_copy(update={"lr": cfg.ppo.critic_lr})})
             self.critic = ActorGroup(
                 LearnerWorker, t.num_workers, role="critic", num_cpus=t.cpus_per_worker, num_gpus=gpus,
+                strategy=t.placement_strategy, resources=t.worker_resources,
                 timeout_s=cfg.roles.learner.timeout_s, env=env,
                 init_args=(critic_cfg.model_dump(mode="json"), RLConfig, "value", total_updates),
                 init_kwargs=dict(pad_token_id=pad_token_id))
@@ -182,10 +190,12 @@ class Roles:
                            options=dict(r.options))
         self.weights_ref, self.synced_version = None, 0
         self.rollout = ActorPool(RolloutWorker, r.num, role="rollout", num_cpus=r.cpus, num_gpus=r.gpus,
+                                 resources=r.resources,
                                  timeout_s=r.timeout_s, retries=r.retries, init_args=(spec,), env=env,
                                  on_replace=self._bring_up_to_date)
         w = cfg.roles.reward
         self.reward = ActorPool(RewardWorker, w.num, role="reward", num_cpus=w.cpus, num_gpus=w.gpus,
+                                resources=w.resources,
                                 timeout_s=w.timeout_s, retries=w.retries, env=env,
                                 init_args=([s.model_dump(mode="json") for s in cfg.rewards], cfg.run.registry))
         self._ray = ray

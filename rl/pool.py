@@ -45,12 +45,13 @@ class ActorPool:
 
     def __init__(self, cls: type, n: int, *, role: str, num_cpus: float, num_gpus: float = 0, timeout_s: float,
                  retries: int, init_args: tuple = (), env: dict | None = None,
-                 on_replace: Callable[[Any], None] | None = None, init_timeout_s: float = 600):
+                 on_replace: Callable[[Any], None] | None = None, init_timeout_s: float = 600,
+                 resources: dict[str, float] | None = None):
         import ray
 
         self.role, self.timeout_s, self.retries = role, timeout_s, retries
         self.init_args, self.on_replace = init_args, on_replace
-        self._remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus,
+        self._remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, resources=dict(resources or {}),
                                   runtime_env={"env_vars": env} if env else None)(cls)
         self.actors = [self._remote.remote(*init_args) for _ in range(n)]
         self.restarts = 0

@@ -30,6 +30,13 @@ def test_every_shipped_sft_config_loads(path):
         assert loaded[key] == (list(value) if isinstance(value, tuple) else value), key
 
 
+def test_placement_defaults_to_pack_and_takes_custom_resources():
+    cfg = load([])
+    assert cfg.train.placement_strategy == "PACK" and cfg.train.worker_resources == {}
+    cfg = load(["train.placement_strategy=STRICT_SPREAD", "train.worker_resources={node_a: 0.5}"])
+    assert cfg.train.placement_strategy == "STRICT_SPREAD" and cfg.train.worker_resources == {"node_a": 0.5}
+
+
 def test_overrides_are_typed():
     cfg = load(["train.lr=1e-4", "deepspeed.stage=3", "finetune.lora.target_modules=[q_proj, v_proj]",
                 "data.packing=false"])
@@ -52,6 +59,10 @@ def test_yaml_scientific_notation_is_a_number(tmp_path):
     (["data.truncation=left"], "data.truncation: Input should be 'right' or 'drop'"),
     (["run.name=../etc"], "run.name: String should match pattern"),
     (["train=3"], "train: Input should be a valid dictionary"),
+    (["train.placement_strategy=spread"],
+     "train.placement_strategy: Input should be 'PACK', 'SPREAD', 'STRICT_PACK' or 'STRICT_SPREAD'"),
+    (["train.worker_resources={CPU: 1}"], "train.worker_resources: 'CPU' is not a custom resource"),
+    (["train.worker_resources={node_a: 0}"], "train.worker_resources: 'node_a': an amount must be > 0"),
 ])
 def test_validation_messages_name_the_field(override, message):
     with pytest.raises(ConfigError) as e:
@@ -148,3 +159,8 @@ def test_changed_fields_lists_what_a_resume_may_not_change():
                                                         "train.logging_steps=3", "data.max_seq_len=128"])
     assert changed_fields(dump_config(a), dump_config(b)) == [
         "data.max_seq_len: 512 -> 128", f"train.lr: {a.train.lr!r} -> 0.001"]
+    # placement may change on resume (the workers may land elsewhere), entries of a mapping included
+    c = load_config(SFTConfig, data=MINIMAL, overrides=["train.worker_resources={node_a: 1}"])
+    d = load_config(SFTConfig, data=MINIMAL, overrides=["train.worker_resources={node_b: 1}",
+                                                        "train.placement_strategy=SPREAD"])
+    assert changed_fields(dump_config(c), dump_config(d)) == []

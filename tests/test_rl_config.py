@@ -25,6 +25,10 @@ def test_defaults_and_derived_values():
     ppo = load("algorithm=ppo", "sampling.group_size=1", "loss.beta=0.05", "sync.every=2",
                "pipeline.enabled=true", "pipeline.max_staleness=2")
     assert ppo.needs_reference() and ppo.max_staleness() == 3
+    placed = load("roles.rollout.resources={rollout_node: 1}", "roles.reward.resources={rollout_node: 0.1}",
+                  "train.worker_resources={learner_node: 1}", "train.placement_strategy=SPREAD")
+    assert placed.roles.rollout.resources == {"rollout_node": 1} and placed.roles.reward.resources == {"rollout_node": 0.1}
+    assert placed.train.worker_resources == {"learner_node": 1} and load().roles.rollout.resources == {}
     gpu = load("train.use_gpu=true", "roles.rollout.engine=vllm", "roles.rollout.options={gpu_memory_utilization: 0.4}")
     assert gpu.roles.rollout.options == {"gpu_memory_utilization": 0.4}
     rewards = load("rewards=[{name: correctness}, {name: mine, function: 'pkg.mod:score', weight: 0.5},"
@@ -51,6 +55,9 @@ def test_defaults_and_derived_values():
     (["update.mini_batches=32"], "update.mini_batches=32 exceeds sampling.prompts_per_step=16"),
     (["roles.rollout.engine=vllm"], "engine=vllm needs GPUs"),
     (["roles.rollout.retries=-1"], "roles.rollout.retries: Input should be greater than or equal to 0"),
+    (["roles.rollout.resources={GPU: 1}"], "roles.rollout.resources: 'GPU' is not a custom resource"),
+    (["roles.reward.resources={node_b: -1}"], "roles.reward.resources: 'node_b': an amount must be > 0"),
+    (["roles.learner.resources={node_a: 1}"], "roles.learner.resources: unknown key"),
 ])
 def test_mistakes_name_the_field(overrides, message):
     with pytest.raises(ConfigError) as e:
