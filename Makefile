@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.rayft-installed
 PIP    := $(BIN)/python -m pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install install-gpu assets demo test test-fast lint bench bench-sweep clean
+.PHONY: install install-gpu assets demo test test-fast test-multinode lint bench bench-sweep clean
 
 install: $(STAMP)
 
@@ -37,6 +37,9 @@ demo: assets
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+test-multinode: install
+	RAYFT_MULTINODE=1 $(BIN)/python -m pytest -q tests/test_multinode_ray.py
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not ray and not gpu and not slow" tests
