@@ -5,7 +5,7 @@ Local (starts a single-node Ray; the tiny config continues the `make demo` SFT a
     python jobs/dpo.py --config configs/dpo_tiny.yaml --set dpo.beta=0.3 --set dpo.precompute_ref_logps=true
 
 On a cluster (Ray 2.60 clusters use token auth; the client needs RAY_AUTH_MODE=token or RAY_AUTH_TOKEN):
-    ray job submit --address http://<head>:8265 --working-dir . -- \
+    ray job submit --address http://<head>:8265 --working-dir . --runtime-env cluster/runtime_env.yaml -- \
         python jobs/dpo.py --config configs/dpo_qwen05b_ultrafeedback.yaml
 
 The reference policy is the starting one: the frozen `finetune.init_adapter`, or the base with adapters

@@ -8,7 +8,7 @@ With the tiny demo served locally (``python jobs/serve.py --config configs/serve
         --set endpoint.api_key_env=RAYFT_API_KEY --set 'models=[tiny-model, sft-tiny, grpo-tiny]'
 
 On a cluster (the job only sends HTTP requests; RAY_AUTH_MODE=token as for every job):
-    ray job submit --address http://<head>:8265 --working-dir . -- \\
+    ray job submit --address http://<head>:8265 --working-dir . --runtime-env cluster/runtime_env.yaml -- \\
         python jobs/eval.py --config configs/eval_tiny.yaml --set endpoint.base_url=http://<serve-host>:8000/v1
 
 An unreachable endpoint, a refused key or a model the endpoint does not serve ends the job with exit code 2

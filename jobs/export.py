@@ -6,7 +6,7 @@ the adapter was trained with, and a manifest of kind ``merged``) that plain tran
     python jobs/export.py --config export.yaml                              # fields of rayft.serving.export.ExportConfig
 
 On a cluster (the registry and the output on shared storage; RAY_AUTH_MODE=token as for every job):
-    ray job submit --address http://<head>:8265 --working-dir . -- \\
+    ray job submit --address http://<head>:8265 --working-dir . --runtime-env cluster/runtime_env.yaml -- \\
         python jobs/export.py --adapter qwen05b-gsm8k --registry /mnt/shared/adapters --out /mnt/shared/exports/x
 
 The flags override the config file's fields, ``--set`` overrides both. A QLoRA adapter merges into the

@@ -6,7 +6,7 @@ Local (starts a single-node Ray):
     python jobs/grpo.py --config configs/grpo_tiny.yaml --set algorithm=ppo --set run.name=ppo-tiny
 
 On a cluster (Ray 2.60 clusters use token auth; the client needs RAY_AUTH_MODE=token or RAY_AUTH_TOKEN):
-    ray job submit --address http://<head>:8265 --working-dir . -- \\
+    ray job submit --address http://<head>:8265 --working-dir . --runtime-env cluster/runtime_env.yaml -- \\
         python jobs/grpo.py --config configs/grpo_qwen05b_gsm8k.yaml
 
 Re-running with the same ``run.name`` (and ``run.storage_path``) resumes from its last checkpoint; a changed

@@ -5,7 +5,7 @@ Local (starts a single-node Ray):
     python jobs/reward_model.py --config configs/reward_model_tiny.yaml --set reward.center_coef=0
 
 On a cluster (Ray 2.60 clusters use token auth; the client needs RAY_AUTH_MODE=token or RAY_AUTH_TOKEN):
-    ray job submit --address http://<head>:8265 --working-dir . -- \
+    ray job submit --address http://<head>:8265 --working-dir . --runtime-env cluster/runtime_env.yaml -- \
         python jobs/reward_model.py --config configs/reward_model_qwen05b_ultrafeedback.yaml
 
 With LoRA the score head is trained in full and saved with the adapter; the artifact is registered with

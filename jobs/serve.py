@@ -5,7 +5,7 @@ Local (starts a single-node Ray; Ctrl-C stops the server):
     python jobs/serve.py --config configs/serve_tiny.yaml --set http.port=8001 --set api_key_env=RAYFT_API_KEY
 
 On a cluster (Ray 2.60 clusters use token auth; the client needs RAY_AUTH_MODE=token or RAY_AUTH_TOKEN):
-    ray job submit --address http://<head>:8265 --working-dir . -- \
+    ray job submit --address http://<head>:8265 --working-dir . --runtime-env cluster/runtime_env.yaml -- \
         python jobs/serve.py --config configs/serve_qwen05b.yaml
 
 Ray Serve's own CLI runs the same application, on the config's host and port through a deploy file:

@@ -5,7 +5,7 @@ Local (starts a single-node Ray):
     python jobs/sft.py --config configs/sft_tiny.yaml --set train.lr=1e-3 --set deepspeed.stage=3
 
 On a cluster (Ray 2.60 clusters use token auth; the client needs RAY_AUTH_MODE=token or RAY_AUTH_TOKEN):
-    ray job submit --address http://<head>:8265 --working-dir . -- \
+    ray job submit --address http://<head>:8265 --working-dir . --runtime-env cluster/runtime_env.yaml -- \
         python jobs/sft.py --config configs/sft_qwen05b_gsm8k.yaml
 
 Re-running with the same ``run.name`` (and ``run.storage_path``) resumes from its last checkpoint; a changed

@@ -10,7 +10,7 @@ Tiny smoke sweep (local Ray on this machine; 4 trials, 2 at a time on 2 CPUs; bu
     python jobs/sweep.py --config configs/sweep_tiny.yaml --set run.name=try2 --set job.train.max_steps=60
 
 On a cluster (Ray 2.60 clusters use token auth; the client needs RAY_AUTH_MODE=token or RAY_AUTH_TOKEN):
-    RAY_AUTH_MODE=token ray job submit --address http://<head>:8265 --working-dir . -- \\
+    RAY_AUTH_MODE=token ray job submit --address http://<head>:8265 --working-dir . --runtime-env cluster/runtime_env.yaml -- \\
         python jobs/sweep.py --config configs/sweep_qwen05b.yaml
 
 Early stopping (ASHA) needs the Ray dashboard: a stopped trial's workers are freed by Ray Train's

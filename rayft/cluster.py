@@ -7,6 +7,7 @@ the worker's traceback in it.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -14,6 +15,13 @@ import time
 
 def verbose() -> bool:
     return os.environ.get("RAYFT_VERBOSE") == "1"
+
+
+def job_env_vars() -> dict[str, str]:
+    """The env_vars of the runtime env this driver was submitted with (``ray job submit``); empty otherwise.
+    The job supervisor hands the job's config to its driver in RAY_JOB_CONFIG_JSON_ENV_VAR."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    return (job.get("runtime_env") or {}).get("env_vars") or {}
 
 
 def init_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = None,
@@ -39,6 +47,10 @@ def init_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = None
     elif os.environ.get("RAY_ADDRESS"):
         if os.environ.get("RAY_API_SERVER_ADDRESS"):
             env["RAY_API_SERVER_ADDRESS"] = os.environ["RAY_API_SERVER_ADDRESS"]
+        # Under `ray job submit` the job's own env_vars already reach every worker, and ray.init refuses to
+        # merge a runtime_env that names one of them again, even with the same value ("Failed to merge the
+        # Job's runtime env"): `--runtime-env-json '{"env_vars": {"RAYFT_VERBOSE": "1"}}'` failed every job.
+        env = {k: v for k, v in env.items() if k not in job_env_vars()}
         ray.init(log_to_driver=to_driver, runtime_env={"env_vars": env} if env else None)
     else:
         with socket.socket() as s:
