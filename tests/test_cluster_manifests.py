@@ -76,6 +76,16 @@ def _load_serve_deploy(path):
     return _load_serve(ROOT / app.args["config"])
 
 
+def _load_pipeline(path):
+    """The pipeline and every stage config it names, resolved as the pipeline resolves them."""
+    from rayft.config import load_config
+    from rayft.pipeline import PipelineConfig, stage_configs
+
+    p = load_config(PipelineConfig, path)
+    stage_configs(p)
+    return {"storage_path": p.storage_path, "registry": p.registry}
+
+
 def _load_eval(path):
     from rayft.config import load_config
     from rayft.serving.eval_config import EvalConfig
@@ -94,6 +104,7 @@ JOB_LOADERS = {
     "jobs/sweep.py": _load_sweep,
     "jobs/serve.py": _load_serve,
     "jobs/eval.py": _load_eval,
+    "jobs/pipeline.py": _load_pipeline,
 }
 CONFIG_LOADERS = [  # (file-name pattern, loader), first match wins
     (r"^sft_", JOB_LOADERS["jobs/sft.py"]),
@@ -104,6 +115,7 @@ CONFIG_LOADERS = [  # (file-name pattern, loader), first match wins
     (r"^serve_.*_deploy", _load_serve_deploy),
     (r"^serve_", _load_serve),
     (r"^eval_", _load_eval),
+    (r"^pipeline_", _load_pipeline),
 ]
 
 

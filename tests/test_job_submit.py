@@ -112,7 +112,7 @@ def head():
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=15)
+            proc.wait(timeout=3)  # `ray start --block` ignores SIGTERM: SIGKILL soon after
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         for pid in _own_processes(tmp):
