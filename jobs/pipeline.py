@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import json
 import shlex
-import signal
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/pipeline.py` from a working dir
 
-from rayft.cli import run_job  # noqa: E402
+from rayft.cli import run_job, stop_on_sigterm, wait_for_interrupt  # noqa: E402
 from rayft.config import load_config  # noqa: E402
 
 
@@ -40,7 +38,7 @@ def pipeline(args) -> int:
 
     p = load_config(PipelineConfig, args.config, args.set)
     served = stage_configs(p).get("serve")  # every stage's config checked before Ray starts
-    signal.signal(signal.SIGTERM, _stop)  # `ray job stop` and process managers stop with SIGTERM
+    stop_on_sigterm()
     import ray
     from ray import serve
 
@@ -59,12 +57,8 @@ def pipeline(args) -> int:
         print(f"\nserving at {out.url}\ntry it:\n  {curl_line(out.url, model, 'What is 12 + 7?', key)}")
         if args.exit_after_table:
             return 0
-        # the training stages' libraries may have left their own SIGINT handlers behind: Ctrl-C is ours again
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, _stop)
         print("\nserving until Ctrl-C", flush=True)
-        while True:
-            time.sleep(3600)
+        wait_for_interrupt()
     except KeyboardInterrupt:
         print("stopping", flush=True)
     finally:
@@ -72,10 +66,6 @@ def pipeline(args) -> int:
             serve.shutdown()
             ray.shutdown()
     return 0
-
-
-def _stop(signum, frame):
-    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,14 +22,12 @@ by its registered name; adapters registered while the server runs are served wit
 
 from __future__ import annotations
 
-import signal
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/serve.py` from a working dir
 
-from rayft.cli import run_job  # noqa: E402
+from rayft.cli import run_job, stop_on_sigterm, wait_for_interrupt  # noqa: E402
 from rayft.config import load_config  # noqa: E402
 
 
@@ -52,24 +50,19 @@ def serve_main(args) -> int:
     from rayft.serving.app import build
 
     init_ray(args.num_cpus)
-    signal.signal(signal.SIGTERM, _stop)  # `ray job stop` and process managers stop with SIGTERM
+    stop_on_sigterm()
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     try:  # Serve's actors outlive this driver: shut them down however it ends
         print(f"starting: {cfg.base_id()} and the adapters of {cfg.registry or '(no registry)'} on "
               f"http://{cfg.http.host}:{cfg.http.port}/v1  (Ctrl-C stops)", flush=True)
         serve.run(build(cfg), name=cfg.app_name, route_prefix="/")
         print("ready", flush=True)
-        while True:
-            time.sleep(3600)
+        wait_for_interrupt()
     except KeyboardInterrupt:
         print("stopping", flush=True)
     finally:
         serve.shutdown()
     return 0
-
-
-def _stop(signum, frame):
-    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import time
 from collections.abc import Callable
 
 from rayft.config import ConfigError
@@ -45,3 +47,21 @@ def run_job(doc: str, body: Callable[[argparse.Namespace], int], argv: list[str]
         prefix = next(p for t, p in errors.items() if isinstance(e, t))
         print(f"{prefix}{e}", file=sys.stderr)
         return 2
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (``ray job stop``, process managers) ends the job like Ctrl-C: as KeyboardInterrupt."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def wait_for_interrupt() -> None:
+    """Block until Ctrl-C or SIGTERM, raised as KeyboardInterrupt. Ctrl-C's handler is set again first:
+    libraries a job ran before (Ray Train, Tune) may have left their own behind."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    stop_on_sigterm()
+    while True:
+        time.sleep(3600)
