@@ -194,27 +194,38 @@ def test_greedy_equals_the_in_process_peft_model(server):
 
 
 def test_requests_for_different_adapters_share_a_batch_and_stay_exact(server):
+    """Six concurrent requests (two adapters and the base) are decoded exactly; at least one decode batch holds
+    all three models. The two adapters are made resident first (the replica keeps 2, and a request that must
+    load its adapter joins the queue only after the load). Concurrent arrival within the batch window is up to
+    the machine's timing, so a burst is tried up to three times; every burst's outputs must be exact."""
     from ray import serve
 
     jobs = [(m, chat_ids(server.tokenizer, q)) for q in QUESTIONS[:2] for m in ("arith", "arith-b", server.base_id)]
-    results: dict[int, dict] = {}
-
-    def call(i: int, model: str, prompt: list[int]):
-        results[i] = complete_ids(server, model, prompt, 32)
-
     engine = serve.get_deployment_handle("Engine", app_name=APP)
-    before = len(engine.batches.remote().result())
-    threads = [threading.Thread(target=call, args=(i, m, p)) for i, (m, p) in enumerate(jobs)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert len(results) == len(jobs)
-    for i, (model, prompt) in enumerate(jobs):
-        assert_same_greedy(server, model, prompt, results[i]["logprobs"]["tokens"], 32)
-    batches = engine.batches.remote().result()[-64:][max(0, before - 64):]
-    mixed = [b for b in batches if b["kind"] == "generate" and len(set(b["adapters"])) >= 3]
-    assert mixed, f"no decode batch held the three models: {batches}"
+    mixed: list[dict] = []
+    for _ in range(3):
+        for model in ("arith", "arith-b"):
+            complete_ids(server, model, jobs[0][1], 1)
+        results: dict[int, dict] = {}
+
+        def call(i: int, model: str, prompt: list[int], results: dict = results):
+            results[i] = complete_ids(server, model, prompt, 32)
+
+        before = engine.batches.remote().result()
+        threads = [threading.Thread(target=call, args=(i, m, p)) for i, (m, p) in enumerate(jobs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert len(results) == len(jobs)
+        for i, (model, prompt) in enumerate(jobs):
+            assert_same_greedy(server, model, prompt, results[i]["logprobs"]["tokens"], 32)
+        after = engine.batches.remote().result()
+        burst = after[len(before):] if len(before) < 64 else after[-len(jobs):]
+        mixed = [b for b in burst if b["kind"] == "generate" and len(set(b["adapters"])) >= 3]
+        if mixed:
+            break
+    assert mixed, f"no decode batch held the three models in three bursts: {after}"
 
 
 def test_openai_chat_streaming_and_completions(server):
