@@ -37,13 +37,14 @@ def pipeline(args) -> int:
     from rayft.pipeline import PipelineConfig, policy_stages, run_pipeline, stage_configs
 
     p = load_config(PipelineConfig, args.config, args.set)
-    served = stage_configs(p).get("serve")  # every stage's config checked before Ray starts
+    cfgs = stage_configs(p)  # every stage's config checked before Ray starts
+    served = cfgs.get("serve")
     stop_on_sigterm()
     import ray
     from ray import serve
 
     try:
-        out = run_pipeline(p, num_cpus=args.num_cpus)
+        out = run_pipeline(p, cfgs=cfgs, num_cpus=args.num_cpus)
         print()
         for s in out.stages:
             print(f"{s.stage:<11}: {s.name}{' (finished earlier)' if s.skipped else f', {s.seconds:.0f} s'}"

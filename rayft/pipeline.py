@@ -87,7 +87,10 @@ class PipelineResult:
 
 
 def _fingerprint(cfg) -> str:
-    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+    """A stage's resolved config (or the sweep's pair of configs) as a short hash."""
+    parts = cfg if isinstance(cfg, tuple) else (cfg,)
+    dumped = [c.model_dump(mode="json") for c in parts]
+    return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _load(cls, stage: str, section: StageSection, extra: list[str]):
@@ -239,13 +242,14 @@ def start_server(cfg, wait_s: float) -> str:
         time.sleep(1)
 
 
-def run_pipeline(p: PipelineConfig, *, num_cpus: int | None = None, say=None) -> PipelineResult:
+def run_pipeline(p: PipelineConfig, *, cfgs: dict[str, Any] | None = None, num_cpus: int | None = None,
+                 say=None) -> PipelineResult:
     """Every configured stage in order (finished, unchanged ones skipped), then the server (left running:
     the caller shuts Serve down) and the evaluation through it."""
     from rayft.cluster import init_ray
 
     say = say or (lambda line: print(line, flush=True))
-    cfgs = stage_configs(p)
+    cfgs = cfgs if cfgs is not None else stage_configs(p)
     state_dir = Path(p.storage_path) / p.name
     state_dir.mkdir(parents=True, exist_ok=True)
     state = _state(state_dir)
@@ -255,14 +259,14 @@ def run_pipeline(p: PipelineConfig, *, num_cpus: int | None = None, say=None) ->
     init_ray(num_cpus)
     for i, stage in enumerate(trained, 1):
         cfg = cfgs[stage]
-        fp = _fingerprint(cfg[0] if stage == "sweep" else cfg) + (_fingerprint(cfg[1]) if stage == "sweep" else "")
+        fp = _fingerprint(cfg)
         label = p.preference.kind if stage == "preference" else stage
         done = state["stages"].get(stage)
         if done and done.get("fingerprint") == fp:
             say(f"[{i}/{total}] {label}: finished earlier, {done['name']} in the registry (skipped)")
             results.append(StageResult(**{**done["result"], "skipped": True}))
             continue
-        say(f"[{i}/{total}] {label}: training ({_section(p, stage).config})")
+        say(f"[{i}/{total}] {label}: training ({getattr(p, stage).config})")
         t0 = time.perf_counter()
         res = _train(stage, cfg, num_cpus)
         res.seconds = time.perf_counter() - t0
@@ -287,10 +291,6 @@ def run_pipeline(p: PipelineConfig, *, num_cpus: int | None = None, say=None) ->
         out.table_md.write_text(format_table(out.table))
         out.chart = ev.chart
     return out
-
-
-def _section(p: PipelineConfig, stage: str) -> StageSection:
-    return getattr(p, stage)
 
 
 def pipeline_table(p: PipelineConfig, cfgs: dict[str, Any], rows: list[dict]) -> list[dict]:
