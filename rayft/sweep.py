@@ -15,7 +15,8 @@ Decisions worth knowing:
   The full curves of every trial stay in its own ``metrics.jsonl``.
 * ASHA counts optimizer steps (``time_attr="step"``). Its rungs sit strictly below the trial length and it
   never stops a trial at the end (``stop_last_trials=False``): a decision there would only kill the artifact
-  export of a trial whose training is already paid for. Its rungs survive a resumed sweep (:mod:`rayft.asha`).
+  export of a trial whose training is already paid for. Its rungs survive a resumed sweep (:mod:`rayft.asha`),
+  and so does the grid/random generator's concurrency limit (:mod:`rayft.search_resume`).
 * Tokenization happens once per sweep, on the driver, and every trial reads the same object-store rows, unless
   the space searches a field that changes tokenization (``data.*``, the model or its revision).
 * A trial trains in ``<storage>/<sweep>/trials/<sweep>-<trial dir>`` (a normal run directory: config,
@@ -246,13 +247,13 @@ def sweep_dir_of(sweep: SweepConfig) -> Path:
 def _search_alg(sweep: SweepConfig, concurrency: int):
     """Tune ignores ``TuneConfig.max_concurrent_trials`` for a BasicVariantGenerator passed in (it logs a
     warning and starts every trial): the limit goes to the generator itself; Optuna gets it from Tune."""
-    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from rayft.search_resume import ResumableVariants
 
     if sweep.search.algorithm == "grid":
-        return BasicVariantGenerator(points_to_evaluate=grid_order(sweep.search), max_concurrent=concurrency,
-                                     random_state=sweep.search.seed)
+        return ResumableVariants(points_to_evaluate=grid_order(sweep.search), max_concurrent=concurrency,
+                                 random_state=sweep.search.seed)
     if sweep.search.algorithm == "random":
-        return BasicVariantGenerator(max_concurrent=concurrency, random_state=sweep.search.seed)
+        return ResumableVariants(max_concurrent=concurrency, random_state=sweep.search.seed)
     try:
         import optuna  # noqa: F401
         from ray.tune.search.optuna import OptunaSearch
