@@ -35,7 +35,8 @@ def dpo_run(assets, tiny_sft, ray_local, tmp_path_factory):
     from rayft.dpo import run_preference
 
     tmp = tmp_path_factory.mktemp("dpo")
-    cfg = dpo_config(assets, tiny_sft, tmp, "dpo")
+    # evaluated at steps 0 and 60 only (each eval is 400 pairs under ZeRO-3); no checkpoint needed
+    cfg = dpo_config(assets, tiny_sft, tmp, "dpo", ["train.eval_steps=60", "train.save_steps=60"])
     return cfg, run_preference(cfg)
 
 
@@ -96,7 +97,8 @@ def test_resubmitted_dpo_resumes_from_its_checkpoint(dpo_run, assets, tiny_sft, 
     from rayft.dpo import run_preference
 
     _, ref = dpo_run
-    cfg = dpo_config(assets, tiny_sft, tmp_path, "resubmit", ["train.max_failures=0", "dpo.precompute_ref_logps=true"])
+    cfg = dpo_config(assets, tiny_sft, tmp_path, "resubmit", ["train.max_failures=0", "dpo.precompute_ref_logps=true",
+                                                              "train.eval_steps=60"])
     th, box = _run_in_thread(lambda: run_preference(cfg))
     _kill_a_worker_when(tmp_path / "runs" / "resubmit", min_step=25)
     th.join(timeout=600)

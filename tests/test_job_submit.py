@@ -4,6 +4,11 @@ the CLI, a runtime environment, and either ``--working-dir .`` (what `README: Ru
 ``file://`` zip of the repository (what cluster/rayjob-sft.yaml runs from). A job stopped after its first
 checkpoint and submitted again resumes from that checkpoint, and the resumed job succeeds and registers.
 
+Then the dashboard shows it, as a user sees it: headless Chromium (selenium) signs in with the cluster's token
+and finds the job with its status and entry point, and the Ray Train run it started under Actors. Without
+Chromium that test skips on a developer's machine and fails under CI (``CI=true``), where ``.ci/run`` installs
+Debian's ``chromium`` and ``chromium-driver``.
+
 The head is this test's own: it is stopped through its process group and the processes that name its temp
 dir, never with ``ray stop`` (which stops every Ray on the machine).
 """
@@ -38,6 +43,65 @@ PORTS = ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-age
          "runtime-env-agent-port", "metrics-export-port", "node-manager-port", "object-manager-port",
          "ray-client-server-port")
 STEPS = 60  # room to stop the job between its first checkpoint (step 10) and its end
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+DRIVER = shutil.which("chromedriver")
+SCREENSHOT = os.environ.get("RAYFT_DASHBOARD_SCREENSHOT")  # a path: save the job page there (the README's image)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and DRIVER):
+        if os.environ.get("CI", "").lower() in ("1", "true"):
+            pytest.fail("Chromium and chromedriver are required under CI (.ci/run installs chromium and "
+                        "chromium-driver)")
+        pytest.skip("needs chromium and chromedriver (Debian: apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1600,1000"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def wait_text(driver, needles: list[str], timeout: float = 60.0, reload_every: float = 10.0) -> str:
+    """The page's visible text once it holds every needle (the dashboard polls; reload now and then)."""
+    from selenium.webdriver.common.by import By
+
+    deadline, last_load = time.monotonic() + timeout, time.monotonic()
+    text = ""
+    while time.monotonic() < deadline:
+        text = driver.find_element(By.TAG_NAME, "body").text
+        if all(n in text for n in needles):
+            return text
+        if time.monotonic() - last_load > reload_every:
+            driver.refresh()
+            last_load = time.monotonic()
+        time.sleep(1)
+    raise AssertionError(f"the dashboard page never showed {needles}; it shows:\n{text[:8000]}")
+
+
+def sign_in(driver, timeout: float = 30.0) -> bool:
+    """Ray 2.60 clusters use token authentication: the dashboard asks for the token the way it asks a user
+    (a dialog), and the token is the one ``ray get-auth-token`` prints. False when no dialog came."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if fields := driver.find_elements(By.CSS_SELECTOR, "input[type=password]"):
+            token = subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token"], capture_output=True,
+                                   text=True, check=True, timeout=60).stdout.strip().splitlines()[-1]
+            fields[0].send_keys(token + Keys.ENTER)
+            time.sleep(2)  # the dashboard reloads once the token is accepted
+            return True
+        time.sleep(0.5)
+    return False
 
 
 @dataclass
@@ -220,3 +284,25 @@ def test_submitted_job_stopped_after_a_checkpoint_resumes_when_submitted_again(h
     assert manifest.kind == "adapter" and manifest.lora_rank == 16 and manifest.metrics["step"] == STEPS
     assert manifest.base_model == str(assets["model"])
     print(f"\nstopped after {stopped_s:.0f} s, resumed and finished after {time.time() - t0:.0f} s")
+
+
+def test_the_submitted_job_and_its_train_run_in_the_dashboard(head, browser):
+    """The resubmitted job of the test above, on the head's dashboard: its row with SUCCEEDED, its page with the
+    entry point and Ray's job id, and that id on the Ray Train workers under Actors."""
+    job = "sft-2"
+    assert head.status(job) == "SUCCEEDED", "the job submitted by the test above"
+    browser.get(f"{head.address}/#/jobs")
+    sign_in(browser)
+    jobs_page = wait_text(browser, [job])
+    row = next(ln for ln in jobs_page.splitlines() if job in ln)
+    assert "SUCCEEDED" in row or "SUCCEEDED" in jobs_page, jobs_page[:2000]
+
+    browser.get(f"{head.address}/#/jobs/{job}")
+    page = wait_text(browser, [job, "SUCCEEDED", "jobs/sft.py", "Job ID"], timeout=90)
+    ray_job_id = page.split("Job ID\n", 1)[1].split("\n", 1)[0].strip()
+    assert ray_job_id and ray_job_id != "-", page[:2000]
+    if SCREENSHOT:
+        browser.save_screenshot(SCREENSHOT)
+    browser.get(f"{head.address}/#/actors")
+    actors = wait_text(browser, ["RayTrainWorker", ray_job_id], timeout=90)
+    assert "TrainController" in actors or "RayTrainWorker" in actors, actors[:3000]

@@ -27,7 +27,8 @@ def rm_run(assets, tiny_sft, ray_local, tmp_path_factory):
     held_out = assets["pref_held_out"]
     cfg = load_config(RewardModelConfig, ROOT / "configs" / "reward_model_tiny.yaml", [
         f"model.name_or_path={base}", f"data.train={assets['pref_train']}", f"data.eval={held_out}",
-        f"run.storage_path={tmp / 'runs'}", f"run.registry={tmp / 'adapters'}", "run.progress=false"])
+        f"run.storage_path={tmp / 'runs'}", f"run.registry={tmp / 'adapters'}", "run.progress=false",
+        "train.eval_steps=150", "train.save_steps=150"])  # the test reads the first and the last eval only
     return cfg, run_preference(cfg), held_out
 
 

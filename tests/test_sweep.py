@@ -224,7 +224,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(assets, ray
     from rayft.sweep_config import load_sweep
 
     name = "resume-sweep"
-    overrides = sweep_overrides(assets, tmp_path, name)
+    # trials of 20 steps, a checkpoint at 10 (an unfinished trial resumes from it), ASHA's rung at 10
+    overrides = [*sweep_overrides(assets, tmp_path, name), "job.train.max_steps=20", "job.train.save_steps=10"]
     sweep_dir = tmp_path / "runs" / name
     kill_driver_when(ray_local, tmp_path, overrides, lambda done: 0 < len(done) < 4, "a trial finished")
     states = _trial_states(sweep_dir)  # the state the driver saved last, maybe after the one seen above
