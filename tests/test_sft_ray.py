@@ -222,7 +222,8 @@ def test_worker_killed_mid_run_resumes_without_losing_or_repeating_steps(tiny_sf
     history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
     assert [s for s, _ in history] == list(range(5, 61, 5)), "each step once, across the restart"
     assert dict(history) == pytest.approx(train_losses(result.run_dir), rel=1e-4, abs=1e-5)
-    attempts = wandb_attempts(result.run_dir)  # one offline W&B run directory per start, one W&B run
+    attempts = wandb_attempts(result.run_dir, until=lambda a: len(a) == 2 and a[0][0] and 60 in a[1][2])
+    # one offline W&B run directory per start, one W&B run
     assert [(run_id, name) for run_id, name, _ in attempts] == [(ids["wandb"]["run_id"], "killed")] * 2
     assert max(attempts[1][2]) == 60 and min(attempts[1][2]) > 20 and not set(attempts[0][2]) & set(attempts[1][2])
 

@@ -5,8 +5,10 @@ MLflow writes a local file store (read back with MlflowClient); W&B runs offline
 from __future__ import annotations
 
 import json
+import os
 import struct
 import sys
+import time
 
 import pytest
 
@@ -94,21 +96,31 @@ def wandb_records(path):
             yield record
 
 
-def wandb_attempts(run_dir) -> list[tuple[str, str, dict[int, float]]]:
-    """(run id, run name, {step: loss}) of each offline W&B run written under the run directory."""
+def wandb_attempts(run_dir, until=lambda attempts: True, timeout: float = 30.0):
+    """(run id, run name, {step: loss}) of each offline W&B run written under the run directory, read again
+    until ``until`` holds: ``run.finish()`` returns before W&B's service process has written everything."""
+    deadline = time.time() + timeout
+    while not until(attempts := _read_wandb_attempts(run_dir)) and time.time() < deadline:
+        time.sleep(0.2)
+    return attempts
+
+
+def _read_wandb_attempts(run_dir) -> list[tuple[str, str, dict[int, float]]]:
     out = []
-    for path in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
+    for path in (run_dir / "wandb").glob("offline-run-*/run-*.wandb"):
         run_id = name = None
-        losses = {}
+        started, losses = 0.0, {}
         for r in wandb_records(path):
             if r.WhichOneof("record_type") == "run":
                 run_id, name = r.run.run_id, r.run.display_name
+                started = r.run.start_time.seconds + r.run.start_time.nanos / 1e9
             elif r.WhichOneof("record_type") == "history":
                 items = {i.key or ".".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
                 if "loss" in items:  # (a finishing run writes a record of its runtime only)
                     losses[items["_step"]] = items["loss"]
-        out.append((run_id, name, losses))
-    return out
+        out.append((started, run_id, name, losses))
+    # in start order: the directories are named by the second a run started, and two may share one
+    return [a[1:] for a in sorted(out, key=lambda a: a[0])]
 
 
 def test_wandb_offline_run_is_continued_on_resume_each_step_once(tmp_path, monkeypatch):
@@ -119,13 +131,14 @@ def test_wandb_offline_run_is_continued_on_resume_each_step_once(tmp_path, monke
     attempt(run_dir, 0, cfg, {1: 4.0, 2: 3.0, 3: 2.0})
     attempt(run_dir, 2, cfg, {3: 2.0, 4: 1.5})
     first = saved_ids(run_dir)["wandb"]
-    assert wandb_attempts(run_dir) == [(first, "track-me", {1: 4.0, 2: 3.0, 3: 2.0}),
-                                       (first, "track-me", {4: 1.5})]
-    assert "WANDB_MODE" not in __import__("os").environ  # set for the set-up only
+    want = [(first, "track-me", {1: 4.0, 2: 3.0, 3: 2.0}), (first, "track-me", {4: 1.5})]
+    assert wandb_attempts(run_dir, until=lambda a: a == want) == want
+    assert "WANDB_MODE" not in os.environ  # set for the set-up only
 
     attempt(run_dir, 0, cfg, {1: 7.0})  # started again from 0: a new W&B run
-    ids = [a[0] for a in wandb_attempts(run_dir)]
-    assert len(ids) == 3 and ids[2] == saved_ids(run_dir)["wandb"] != first
+    second = saved_ids(run_dir)["wandb"]
+    want = [*want, (second, "track-me", {1: 7.0})]
+    assert second != first and wandb_attempts(run_dir, until=lambda a: a == want) == want
 
 
 def test_tracker_config_errors_name_the_field_and_the_extra(tmp_path, monkeypatch):
