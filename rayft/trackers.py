@@ -4,10 +4,12 @@ writes the metrics (rank 0 of a Ray Train job, the RL controller).
 
 One tracker run per rayft run, named after it. Its id is kept in ``<run dir>/trackers.json``, so a resumed
 run (from a checkpoint: ``resume_step > 0``) continues the same tracker run; a start from step 0 opens a new
-one, as it begins a new ``metrics.jsonl``. A tracker cannot take back a point, so a step is sent once: the
-steps a resume redoes (after the checkpoint, already sent before the crash) are not sent again (the replay is
-deterministic, so their values agree). Steps a tracker has not had yet (say it was added on resume) are sent
-from ``metrics.jsonl`` when it opens.
+one, as it begins a new ``metrics.jsonl``. A tracker cannot take back a point, so a step is sent once:
+MLflow (its writes are synchronous) does not get again the steps a resume redoes (after the checkpoint,
+already sent before the crash; the replay is deterministic, so their values agree); W&B gets the steps after
+the last one it holds (online: the server's; offline: none, as each start writes its own file, and a killed
+process's file may hold nothing). Steps a tracker has not had yet (say it was added on resume) are sent from
+``metrics.jsonl`` when it opens.
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ class _MLflow:
         if not run_id:
             self.mlflow.log_dict(config, "config.yaml")
 
+    def last_sent(self, saved: int) -> int:
+        return saved  # log_metrics returns once the store has the points
+
     def log(self, metrics: dict, step: int, seconds: float | None) -> None:
         self.mlflow.log_metrics(metrics, step=step, run_id=self.run_id,
                                 timestamp=None if seconds is None else int(seconds * 1000))
@@ -89,6 +94,12 @@ class _Wandb:
             self.run = setup_wandb(config, id=self.run_id, name=run_name, project=cfg.project, entity=cfg.entity,
                                    group=cfg.group, tags=cfg.tags or None, mode=cfg.mode, dir=str(run_dir),
                                    resume="allow")
+
+    def last_sent(self, saved: int) -> int:
+        # W&B knows what it holds: online, a resumed run starts after the server's last step; offline, each
+        # start writes a file of its own from step 0 (a killed process's file may be empty: W&B writes it in
+        # 32 KiB blocks), so this start's file gets every step
+        return self.run.starting_step - 1
 
     def log(self, metrics: dict, step: int, seconds: float | None) -> None:
         self.run.log(metrics, step=step)
@@ -120,7 +131,7 @@ class Trackers:
                        else _Wandb(cfg, run.name, config, run_id, Path(run_dir)))
             self.open[field] = tracker
             self.state[field] = {"where": where, "run_id": tracker.run_id,
-                                 "last_step": old.get("last_step", -1) if same else -1}
+                                 "last_step": tracker.last_sent(old.get("last_step", -1) if same else -1)}
         self._save()
         for record in kept:
             self.write(record)

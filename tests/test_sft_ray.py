@@ -190,7 +190,7 @@ def _attempt_starts(run_dir: Path) -> list[int]:
     return [a["start_step"] for a in read_jsonl(run_dir / "attempts.jsonl")]
 
 
-def test_worker_killed_mid_run_resumes_without_losing_or_repeating_steps(tiny_sft, assets, tmp_path):
+def test_worker_killed_mid_run_resumes_without_losing_or_repeating_steps(tiny_sft, assets, tmp_path, monkeypatch):
     """FailureConfig restarts the workers from the step-20 checkpoint; steps 21.. replay exactly. The run logs
     to MLflow (a local store) and W&B (offline) too: the restarted workers continue the same tracker runs."""
     from mlflow import MlflowClient
@@ -215,6 +215,7 @@ def test_worker_killed_mid_run_resumes_without_losing_or_repeating_steps(tiny_sf
     assert result.metrics["samples_seen"] == ref.metrics["samples_seen"]
 
     ids = json.loads((result.run_dir / TRACKERS_FILE).read_text())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # (rayft set it in the worker that wrote the store)
     client = MlflowClient(uri)
     [run] = client.search_runs([client.get_experiment_by_name("rayft").experiment_id])
     assert (run.info.run_id, run.info.run_name, run.info.status) == (ids["mlflow"]["run_id"], "killed", "FINISHED")
@@ -222,10 +223,10 @@ def test_worker_killed_mid_run_resumes_without_losing_or_repeating_steps(tiny_sf
     history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
     assert [s for s, _ in history] == list(range(5, 61, 5)), "each step once, across the restart"
     assert dict(history) == pytest.approx(train_losses(result.run_dir), rel=1e-4, abs=1e-5)
-    attempts = wandb_attempts(result.run_dir, until=lambda a: len(a) == 2 and a[0][0] and 60 in a[1][2])
-    # one offline W&B run directory per start, one W&B run
-    assert [(run_id, name) for run_id, name, _ in attempts] == [(ids["wandb"]["run_id"], "killed")] * 2
-    assert max(attempts[1][2]) == 60 and min(attempts[1][2]) > 20 and not set(attempts[0][2]) & set(attempts[1][2])
+    # offline W&B: one directory per start, one W&B run; the restart's is complete (the killed one may be empty)
+    attempts = wandb_attempts(result.run_dir, until=lambda a: len(a) == 2 and 60 in a[1][2])
+    assert [(run_id, name) for run_id, name, _ in attempts[1:]] == [(ids["wandb"]["run_id"], "killed")]
+    assert attempts[1][2] == pytest.approx(train_losses(result.run_dir), rel=1e-4, abs=1e-5)
 
 
 def test_resubmitting_a_failed_run_resumes_it(zero3, assets, tmp_path):

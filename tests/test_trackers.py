@@ -129,9 +129,10 @@ def test_wandb_offline_run_is_continued_on_resume_each_step_once(tmp_path, monke
     cfg = job(tmp_path, {"wandb": {"project": "p", "mode": "offline", "tags": ["t1"]}})
     run_dir = tmp_path / "runs" / "track-me"
     attempt(run_dir, 0, cfg, {1: 4.0, 2: 3.0, 3: 2.0})
-    attempt(run_dir, 2, cfg, {3: 2.0, 4: 1.5})
+    attempt(run_dir, 2, cfg, {3: 2.5, 4: 1.5})
     first = saved_ids(run_dir)["wandb"]
-    want = [(first, "track-me", {1: 4.0, 2: 3.0, 3: 2.0}), (first, "track-me", {4: 1.5})]
+    # offline, each start's file is complete: steps 1-2 again from metrics.jsonl, 3 as redone
+    want = [(first, "track-me", {1: 4.0, 2: 3.0, 3: 2.0}), (first, "track-me", {1: 4.0, 2: 3.0, 3: 2.5, 4: 1.5})]
     assert wandb_attempts(run_dir, until=lambda a: a == want) == want
     assert "WANDB_MODE" not in os.environ  # set for the set-up only
 
