@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 RESUME_MAY_CHANGE = (
     "train.max_steps", "train.epochs", "train.logging_steps", "train.eval_steps", "train.save_steps",
     "train.keep_checkpoints", "train.max_failures", "train.placement_strategy", "train.worker_resources",
-    "run.progress", "data.num_proc",
+    "run.progress", "run.mlflow", "run.wandb", "data.num_proc",
 )
 
 
@@ -273,12 +273,47 @@ class DeepSpeedConfig(Strict):
         return self
 
 
+class MLflowConfig(Strict):
+    """Send the run's metrics to MLflow too (``pip install 'rayft[mlflow]'``), through Ray's ``setup_mlflow``:
+    one MLflow run per rayft run, named after it, with the config as its params; a resumed run continues it."""
+
+    tracking_uri: str | None = Field(
+        None, description="a tracking server (http://host:5000, databricks) or a local store (file:///abs/path); "
+        "default: $MLFLOW_TRACKING_URI, else MLflow's default")
+    experiment: str = Field("rayft", min_length=1, description="experiment name; created when missing")
+    tags: dict[str, str] = Field(default_factory=dict, description="tags set on the MLflow run")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _a_uri(cls, v):
+        # a bare path would be read relative to each Ray worker's own working directory
+        if v is not None and ":" not in v:
+            raise ValueError(f"{v!r} is not a URI: give a server (http://host:5000) or a local store as an "
+                             "absolute file URI (file:///path/to/mlruns)")
+        return v
+
+
+class WandbConfig(Strict):
+    """Send the run's metrics to Weights & Biases too (``pip install 'rayft[wandb]'``), through Ray's
+    ``setup_wandb``: one W&B run per rayft run, named after it, with the config; a resumed run continues it.
+    The API key comes from $WANDB_API_KEY or ``wandb login``; offline runs are written to ``<run dir>/wandb``
+    (upload them later with ``wandb sync``)."""
+
+    project: str = Field("rayft", min_length=1)
+    entity: str | None = Field(None, description="team or user; default: the API key's default entity")
+    group: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    mode: Literal["online", "offline"] | None = Field(None, description="default: $WANDB_MODE, else online")
+
+
 class RunConfig(Strict):
     name: str = Field("sft", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     storage_path: str = Field("runs", description="run directories live here (shared storage on multi-node)")
     registry: str = Field("adapters", description="adapter registry directory read by sweep, RL and serving")
     adapter_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     progress: bool = True
+    mlflow: MLflowConfig | None = Field(None, description="also log the metrics to MLflow (off when absent)")
+    wandb: WandbConfig | None = Field(None, description="also log the metrics to Weights & Biases (off when absent)")
 
 
 class TrainingJobConfig(Strict):

@@ -6,6 +6,8 @@ Every training job (SFT, DPO, reward model, the RL learner) writes the same layo
     data_stats.json      rows read / skipped / truncated / dropped, per split
     metrics.jsonl        one record per logged step (rank 0), each step exactly once across resumes
     tensorboard/         the same numbers as TensorBoard scalars (``tensorboard --logdir <storage_path>``)
+    trackers.json        the MLflow / W&B run ids when run.mlflow / run.wandb are set (rayft.trackers)
+    wandb/               W&B's local files (offline runs), with run.wandb
     attempts.jsonl       one record per (re)start of the workers: the step it started from
     checkpoint_*/        Ray Train checkpoints (DeepSpeed state + trainer_state.json)
     loss_curve.png, summary.json, export_probe.safetensors
@@ -18,8 +20,10 @@ import time
 from pathlib import Path
 
 import yaml
+from pydantic import BaseModel
 
 from rayft.config import RESUME_MAY_CHANGE, ConfigError, TrainingJobConfig, changed_fields, dump_config
+from rayft.trackers import Trackers, scalars
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -74,9 +78,12 @@ def read_jsonl(path: Path) -> list[dict]:
 class MetricsFile:
     """``metrics.jsonl`` and TensorBoard scalars, written by rank 0. On resume from step ``k`` the records after
     ``k`` (work about to be redone) are dropped, so the file holds each step exactly once; a start from 0
-    begins a new file. TensorBoard gets the same numbers, its events after ``k`` purged the same way."""
+    begins a new file. TensorBoard gets the same numbers, its events after ``k`` purged the same way.
 
-    def __init__(self, run_dir: Path, resume_step: int):
+    With ``config`` (the job's config), the trackers its ``run.mlflow`` / ``run.wandb`` name get the records
+    too (:class:`rayft.trackers.Trackers`)."""
+
+    def __init__(self, run_dir: Path, resume_step: int, config: BaseModel | None = None):
         from tensorboardX import SummaryWriter
 
         self.path = Path(run_dir) / METRICS_FILE
@@ -92,15 +99,21 @@ class MetricsFile:
         # one file per (re)start; the suffix keeps two starts within a second from sharing a file name
         self.tensorboard = SummaryWriter(str(tb), purge_step=resume_step + 1 if resume_step else None,
                                          filename_suffix=f".{time.time_ns()}", flush_secs=5)
+        self.trackers = None
+        if config is not None and (config.run.mlflow or config.run.wandb):
+            self.trackers = Trackers(config.run, dump_config(config), run_dir, resume_step, kept)
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        step = record["step"]
-        for key, value in record.items():
-            if key not in ("step", "time") and isinstance(value, int | float) and not isinstance(value, bool):
-                self.tensorboard.add_scalar(key, value, step, walltime=record.get("time"))
+        for key, value in scalars(record).items():
+            self.tensorboard.add_scalar(key, value, record["step"], walltime=record.get("time"))
+        if self.trackers is not None:
+            self.trackers.write(record)
 
     def close(self) -> None:
-        """Write the TensorBoard events still queued (its writer thread flushes every few seconds)."""
+        """Write the TensorBoard events still queued (its writer thread flushes every few seconds); end the
+        tracker runs."""
         self.tensorboard.close()
+        if self.trackers is not None:
+            self.trackers.close()

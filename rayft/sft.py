@@ -32,6 +32,7 @@ from rayft.runs import (
     run_dir_of,
 )
 from rayft.schedule import Plan
+from rayft.trackers import require_packages
 
 log = logging.getLogger("rayft.sft")
 
@@ -247,9 +248,11 @@ def plot_loss_curve(run_dir: Path, out: Path, ylabel: str = "token cross-entropy
 
 
 def check_run(cfg: TrainingJobConfig) -> Path:
-    """The run directory, after refusing a resubmission whose config differs from its checkpoints'."""
+    """The run directory, after refusing a resubmission whose config differs from its checkpoints' (or that
+    names a tracker whose package is missing)."""
     run_dir = run_dir_of(cfg)
     check_resume(cfg, run_dir)
+    require_packages(cfg.run)
     return run_dir
 
 

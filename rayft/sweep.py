@@ -308,6 +308,7 @@ def run_sweep(sweep: SweepConfig, base: TrainingJobConfig, *, num_cpus: int | No
     from ray import tune
 
     from rayft.cluster import init_ray
+    from rayft.trackers import require_packages
 
     driver = importlib.import_module(sweep.job.job.driver)
     base = resolve_paths(base)
@@ -315,6 +316,7 @@ def run_sweep(sweep: SweepConfig, base: TrainingJobConfig, *, num_cpus: int | No
     sweep_dir = Path(storage_path) / sweep.run.name
     timings: dict[str, float] = {}
     _search_alg(sweep, 1)  # fails fast when optuna is missing
+    require_packages(base.run)  # and when a tracker's package is (each trial is a run of its own there)
     rows = None
     if not needs_own_data(sweep.search):
         t0 = time.perf_counter()

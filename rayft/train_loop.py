@@ -128,7 +128,7 @@ class Loop:
         self.cfg, self.lc, self.engine, self.objective, self.rank = cfg, lc, engine, objective, rank
         self.data = objective.data
         state = engine.state
-        self.metrics_file = MetricsFile(Path(lc.run_dir), state.step) if rank == 0 else None
+        self.metrics_file = MetricsFile(Path(lc.run_dir), state.step, cfg) if rank == 0 else None
         self._emit({"event": "start", "step": state.step, "total": lc.total_steps})
 
     def _emit(self, record: dict) -> None:

@@ -235,10 +235,12 @@ class RLRun:
         from rayft.rl.prompts import train_and_eval_prompts
         from rayft.runs import check_resume, run_dir_of
         from rayft.sft import resolve_init_adapter
+        from rayft.trackers import require_packages
 
         self.cfg = cfg = resolve_paths(cfg)
         self.run_dir = run_dir_of(cfg)
         check_resume(cfg, self.run_dir)
+        require_packages(cfg.run)
         self.tokenizer = load_tokenizer(cfg.model, cfg.prompts.chat_template)
         self.train, self.held_out = train_and_eval_prompts(cfg.prompts, self.tokenizer, cfg.train.seed)
         self.init_adapter = resolve_init_adapter(cfg)
@@ -479,7 +481,7 @@ class RLRun:
         try:
             if checkpoints := self._checkpoints():
                 self._restore(checkpoints[-1])
-            metrics = MetricsFile(self.run_dir, self.step)
+            metrics = MetricsFile(self.run_dir, self.step, cfg)
             t0 = time.perf_counter()
             with ProgressDisplay(f"{cfg.algorithm} {cfg.run.name}", enabled=cfg.run.progress) as display:
                 display.update({"event": "start", "step": self.step, "total": self.max_steps})

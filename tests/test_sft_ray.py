@@ -190,13 +190,20 @@ def _attempt_starts(run_dir: Path) -> list[int]:
     return [a["start_step"] for a in read_jsonl(run_dir / "attempts.jsonl")]
 
 
-def test_worker_killed_mid_run_resumes_without_losing_or_repeating_steps(tiny_sft, assets, tmp_path):
-    """FailureConfig restarts the workers from the step-20 checkpoint; steps 21.. replay exactly."""
+def test_worker_killed_mid_run_resumes_without_losing_or_repeating_steps(tiny_sft, assets, tmp_path, monkeypatch):
+    """FailureConfig restarts the workers from the step-20 checkpoint; steps 21.. replay exactly. The run logs
+    to MLflow (a local store) and W&B (offline) too: the restarted workers continue the same tracker runs."""
+    from mlflow import MlflowClient
+    from test_trackers import wandb_attempts
+
     from rayft.sft import run_sft
+    from rayft.trackers import TRACKERS_FILE
 
     ref = tiny_sft
+    uri = (tmp_path / "mlruns").as_uri()
     cfg = tiny_sft_config(assets, tmp_path, "killed", ["train.save_steps=20", "train.max_steps=60",
-                                                        "train.max_failures=2"])
+                                                        "train.max_failures=2", f"run.mlflow.tracking_uri={uri}",
+                                                        "run.wandb.mode=offline"])
     th, box = _run_in_thread(lambda: run_sft(cfg))
     _kill_a_worker_when(tmp_path / "runs" / "killed", min_step=25)
     th.join(timeout=600)
@@ -206,6 +213,20 @@ def test_worker_killed_mid_run_resumes_without_losing_or_repeating_steps(tiny_sf
     assert _attempt_starts(result.run_dir) == [0, 20], "the restarted workers must resume at the checkpoint"
     assert result.metrics["eval_loss"] == pytest.approx(ref.metrics["eval_loss"], rel=1e-4)
     assert result.metrics["samples_seen"] == ref.metrics["samples_seen"]
+
+    ids = json.loads((result.run_dir / TRACKERS_FILE).read_text())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # (rayft set it in the worker that wrote the store)
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("rayft").experiment_id])
+    assert (run.info.run_id, run.info.run_name, run.info.status) == (ids["mlflow"]["run_id"], "killed", "FINISHED")
+    assert run.data.params["train.save_steps"] == "20"
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
+    assert [s for s, _ in history] == list(range(5, 61, 5)), "each step once, across the restart"
+    assert dict(history) == pytest.approx(train_losses(result.run_dir), rel=1e-4, abs=1e-5)
+    # offline W&B: one directory per start, one W&B run; the restart's is complete (the killed one may be empty)
+    attempts = wandb_attempts(result.run_dir, until=lambda a: len(a) == 2 and 60 in a[1][2])
+    assert [(run_id, name) for run_id, name, _ in attempts[1:]] == [(ids["wandb"]["run_id"], "killed")]
+    assert attempts[1][2] == pytest.approx(train_losses(result.run_dir), rel=1e-4, abs=1e-5)
 
 
 def test_resubmitting_a_failed_run_resumes_it(zero3, assets, tmp_path):
