@@ -318,7 +318,6 @@ def trl_candidates(quick: bool) -> list[dict]:
     per = task()["prompts_per_step"] * task()["group_size"]
     cands = [{"per_device": per, "grad_accum": 1}, {"per_device": per // 4, "grad_accum": 4}]
     if not quick:
-        cands.insert(1, {"per_device": per // 2, "grad_accum": 2})
         cands.append({"per_device": per, "grad_accum": 1, "continuous_batching": True})
     return cands
 
@@ -370,15 +369,19 @@ def bench(runner: Runner, base: Job, pilot_base: Job, seeds: list[int], quick: b
     summary["startup_s"] = {tool: spread([r["startup_s"] for r in rs]) for tool, rs in runs.items()}
     per_seed = [{"seed": a["seed"],
                  "samples_per_s": b["measure"]["samples_per_s"] / a["measure"]["samples_per_s"],
-                 "reward_last3": b["measure"]["reward_last3"] / a["measure"]["reward_last3"]}
+                 "reward_last3": _ratio(b["measure"]["reward_last3"], a["measure"]["reward_last3"])}
                 for a, b in zip(runs["trl"], runs["rayft"], strict=True)]
     med = {k: {t: summary[k][t]["median"] for t in ("trl", "rayft")} for k in summary}
     ratios = {"samples_per_s": med["samples_per_s"]["rayft"] / med["samples_per_s"]["trl"],
               "s_per_step": med["s_per_step"]["rayft"] / med["s_per_step"]["trl"],
               "tokens_per_s": med["tokens_per_s"]["rayft"] / med["tokens_per_s"]["trl"],
-              "reward_last3": med["reward_last3"]["rayft"] / med["reward_last3"]["trl"],
+              "reward_last3": _ratio(med["reward_last3"]["rayft"], med["reward_last3"]["trl"]),
               "startup_s": med["startup_s"]["rayft"] / med["startup_s"]["trl"], "per_seed": per_seed}
     return {"pilot": pilot, "config": best, "runs": runs, "summary": summary, "ratios": ratios}
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
 
 
 def _phases(p: dict) -> str:
