@@ -358,6 +358,7 @@ def bench(runner: Runner, base: Job, pilot_base: Job, seeds: list[int], quick: b
         for tool in ("trl", "rayft"):
             res = runner.run(Job(**{**asdict(base), "tool": tool, "seed": seed, tool: best[tool]}))
             runs[tool].append({"seed": seed, **res})
+            Path(base.out_dir, "runs_partial.json").write_text(json.dumps({"config": best, "pilot": pilot, "runs": runs}))
             m = res["measure"]
             print(f"  seed {seed} {tool}: {m['samples_per_s']:.1f} samples/s, {m['s_per_step']:.2f} s/step, "
                   f"reward {m['reward_first3']:.3f} -> {m['reward_last3']:.3f}, start-up {res['startup_s']:.1f} s, "
