@@ -291,7 +291,7 @@ class Runner:
 
         self.meter = CpuMeter()
 
-    def run(self, job: Job) -> dict:
+    def run(self, job: Job, timeout_s: float = 1800) -> dict:
         """``job`` in a fresh process; its result, with start-up and the others' CPU share."""
         with tempfile.TemporaryDirectory() as tmp:
             spec, out = Path(tmp, "job.json"), Path(tmp, "out.json")
@@ -300,7 +300,7 @@ class Runner:
             spawned = time.time()
             p, others = self.meter.measure(lambda: subprocess.run(
                 [sys.executable, __file__, "--run", str(spec), str(out)], env=env, capture_output=True, text=True,
-                timeout=1800))
+                timeout=timeout_s))
             if p.returncode:
                 raise RuntimeError(f"{job.tool} run failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
             result = json.loads(out.read_text())
@@ -340,8 +340,8 @@ def bench(runner: Runner, base: Job, pilot_base: Job, seeds: list[int], quick: b
     cands += [("rayft", {"rayft": c}) for c in rayft_candidates(quick)]
     for tool, over in cands:
         try:
-            res = runner.run(Job(**{**asdict(pilot_base), "tool": tool, **over}))
-        except RuntimeError as e:  # a candidate that cannot run here is reported, not fatal
+            res = runner.run(Job(**{**asdict(pilot_base), "tool": tool, **over}), timeout_s=300)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:  # a candidate that cannot run here is reported, not fatal
             pilot[tool].append({"config": over[tool], "error": str(e)[-600:]})
             print(f"  pilot {tool} {over[tool]}: failed", flush=True)
             continue
