@@ -334,7 +334,7 @@ def spread(values: list[float]) -> dict:
     return {"n": len(values), "median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def bench(runner: Runner, base: Job, pilot_base: Job, seeds: list[int], quick: bool) -> dict:
+def bench(runner: Runner, base: Job, pilot_base: Job, seeds: list[int], quick: bool, budget_s: float = 0) -> dict:
     pilot: dict[str, list] = {"trl": [], "rayft": []}
     cands = [("trl", {"trl": c}) for c in trl_candidates(quick)]
     cands += [("rayft", {"rayft": c}) for c in rayft_candidates(quick)]
@@ -353,6 +353,16 @@ def bench(runner: Runner, base: Job, pilot_base: Job, seeds: list[int], quick: b
               f"phases {_phases(m['phases_s_per_step'])}", flush=True)
     best = {tool: max((p for p in runs if "error" not in p), key=lambda r: r["samples_per_s"])["config"]
             for tool, runs in pilot.items()}
+    if budget_s:  # the seeds' runs must fit the budget: fewer measured steps (the same on both sides) if needed
+        fastest = {tool: max((p for p in runs if "error" not in p), key=lambda r: r["samples_per_s"])
+                   for tool, runs in pilot.items()}
+        per = task()["prompts_per_step"] * task()["group_size"]
+        step_s = sum(per / f["samples_per_s"] for f in fastest.values())
+        fixed = sum(f["startup_s"] + 20 for f in fastest.values())  # start-up, and tear-down/export allowance
+        fits = int((budget_s / len(seeds) - fixed) / step_s) - base.warmup - base.tail
+        if fits < base.measure:
+            print(f"  budget {budget_s:.0f} s: measuring {max(3, fits)} steps instead of {base.measure}", flush=True)
+            base = Job(**{**asdict(base), "measure": max(3, fits)})
     runs: dict[str, list[dict]] = {"trl": [], "rayft": []}
     for seed in seeds:
         for tool in ("trl", "rayft"):
@@ -378,7 +388,8 @@ def bench(runner: Runner, base: Job, pilot_base: Job, seeds: list[int], quick: b
               "tokens_per_s": med["tokens_per_s"]["rayft"] / med["tokens_per_s"]["trl"],
               "reward_last3": _ratio(med["reward_last3"]["rayft"], med["reward_last3"]["trl"]),
               "startup_s": med["startup_s"]["rayft"] / med["startup_s"]["trl"], "per_seed": per_seed}
-    return {"pilot": pilot, "config": best, "runs": runs, "summary": summary, "ratios": ratios}
+    return {"pilot": pilot, "config": best, "runs": runs, "summary": summary, "ratios": ratios,
+            "warmup": base.warmup, "measure": base.measure, "total_steps": base.total_steps}
 
 
 def _ratio(a: float, b: float) -> float:
@@ -473,7 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--render", metavar="JSON", help="rewrite the markdown from a results JSON")
     ap.add_argument("--warmup", type=int, default=2, help="steps before the window")
     ap.add_argument("--measure", type=int, default=9, help="steps in the window (one more runs after it)")
-    ap.add_argument("--pilot-measure", type=int, default=3, help="the pilot's window (after 1 warm-up step)")
+    ap.add_argument("--budget", type=float, default=720, help="seconds for the seeds' runs: fewer measured steps "
+                    "(the same on both sides) when the pilot's speeds say they would not fit; 0: no limit")
+    ap.add_argument("--pilot-measure", type=int, default=2, help="the pilot's window (after 1 warm-up step)")
     ap.add_argument("--work", help="assets, the SFT adapter and runs (reused when there); default: a temp dir")
     args = ap.parse_args(argv)
     if args.run:
@@ -504,8 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [0] if args.quick else [0, 1, 2]
     t0 = time.time()
     rep = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "task": task(),
-           "warmup": base.warmup, "measure": base.measure, "total_steps": base.total_steps, "seeds": seeds,
-           **bench(runner, base, pilot_base, seeds, args.quick)}
+           "seeds": seeds, **bench(runner, base, pilot_base, seeds, args.quick, 0 if args.quick else args.budget)}
     rep["bench_s"] = time.time() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
