@@ -35,7 +35,10 @@ learner forward/backward/optimizer, weight sync (rayft), logging. **s/step** is 
 construction; rayft's prompt tokenization, Ray start, actors' start) is reported separately. **Reward reached**:
 the mean total reward (and correctness) of the last 3 steps of each run, beside the first 3 steps'; the whole
 per-step curve is in the JSON. Where the time goes: per-step phase times (TRL: generation, rewards, the rest;
-rayft: generation, rewards, learner, weight sync, the rest).
+rayft: generation, rewards, learner, weight sync, the rest). A TRL step costs several times a rayft step here, so
+the runs are short (at most 12 steps: 2 warm-up, 9 measured, 1 after; fewer measured steps, the same on both
+sides, when the pilot's speeds say the seeds' runs would not fit ``--budget`` seconds) to keep the benchmark near
+20 minutes; ``--measure 25 --budget 0`` runs longer.
 
     python bench/grpo_throughput.py                # ~20 min; writes bench/results/grpo_throughput.{md,json}
     python bench/grpo_throughput.py --quick --out /tmp/grpo-smoke    # smoke run (not a measurement)
