@@ -170,6 +170,10 @@ def trl_run(job: Job) -> dict:
     ids_match = all(tok(p.text)["input_ids"] == p.ids for p in prompts[:64])
     data = Dataset.from_list([{"prompt": p.text, "answer": p.answer} for p in prompts])
     base = AutoModelForCausalLM.from_pretrained(job.assets["model"], dtype=torch.float32)
+    # the tiny model's config turns the KV cache off (a training default): transformers' generate then re-runs
+    # the whole sequence at every token (17 s against 7 s for 64 x 32 tokens here). rayft's rollout engine
+    # decodes with a cache, so TRL gets one too
+    base.config.use_cache = base.generation_config.use_cache = True
     model = PeftModel.from_pretrained(base, job.adapter, is_trainable=True)
     steps: dict[int, dict] = {}
     phase: dict[int, dict[str, float]] = {}
@@ -216,7 +220,7 @@ def trl_run(job: Job) -> dict:
         scale_rewards="group", num_iterations=1, mask_truncated_completions=False, reward_weights=weights,
         shuffle_dataset=False, bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
         disable_dropout=True, logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
-        dataloader_pin_memory=False, log_completions=False,
+        dataloader_pin_memory=False, log_completions=False, generation_kwargs={"use_cache": True},
         use_transformers_continuous_batching=c.get("continuous_batching", False))
     trainer = Timed(model=model, reward_funcs=funcs, args=args, train_dataset=data, processing_class=tok,
                     callbacks=[Clock()])
