@@ -6,8 +6,10 @@ layers, no dropout; the reward model's ``score`` head trained in full), fp32, Ad
 on the same near-miss arithmetic pairs (``arithmetic_pref_rows``), the same pairs per optimizer step, the
 same maximum length (no pair is cut) and the same number of steps. DPO: beta 0.1, sigmoid loss, the reference
 is the base with adapters disabled on both sides, computed beside the policy at every step, or precomputed
-before training on both sides (``--precompute``). No packing on either side (rayft does not pack pairs); TRL's
-``padding_free`` (unpadded rows, not packing) is one of its pilot candidates and kept when faster.
+before training on both sides (``--precompute``). No packing on either side; TRL's ``padding_free`` (unpadded
+rows, not packing) is one of its pilot candidates and kept when faster. rayft writes each pair as one row with
+its prompt once (``rayft.preference.collate_shared_prompts``: the same log-probs and scores as two rows per
+pair); TRL 1.16 has no such option, so it runs two rows per pair.
 
 1. a **pilot** runs each candidate once and keeps each tool's fastest: TRL's per-device batch x accumulation
    splits of the same pairs per step (DPO also padding-free); rayft's same splits (one micro-batch per worker

@@ -71,6 +71,7 @@ def build_trainer(cfg: PreferenceConfig, prepared: sft.Prepared, *, callbacks: l
     """A Ray Train ``TorchTrainer`` for this config (same run name and storage: resumes, as for SFT)."""
     import ray
 
+    from rayft.modeling import supports_shared_prompts
     from rayft.objectives import PairData
     from rayft.rowset import EvalShards, PlanShards
 
@@ -84,7 +85,7 @@ def build_trainer(cfg: PreferenceConfig, prepared: sft.Prepared, *, callbacks: l
                     n_test=len(rows["test"]), world=t.num_workers, micro_batch_size=t.micro_batch_size,
                     pad_id=prepared.pad_token_id,
                     train_all=EvalShards.put(rows["train"], t.num_workers) if precompute else None,
-                    n_train=len(rows["train"]))
+                    n_train=len(rows["train"]), shared_prompt=supports_shared_prompts(cfg.model))
     return sft.torch_trainer(cfg, prepared, objective_for(cfg, data), plan, total_steps, callbacks=callbacks,
                              progress=progress)
 

@@ -75,6 +75,23 @@ def check_model_source(cfg: ModelConfig) -> None:
         raise ModelLoadError(_not_found(cfg.name_or_path, e)) from None
 
 
+def supports_shared_prompts(cfg: ModelConfig) -> bool:
+    """Whether preference pairs can run one row per pair with the prompt once
+    (:func:`rayft.preference.collate_shared_prompts`). That takes a custom ``[B, 1, T, T]`` mask, which
+    transformers hands to SDPA as given; FlashAttention-2 takes no such mask, eager attention adds the mask
+    (a boolean one would be read as 0/1), and a layer with a sliding window would lose its window under a
+    custom mask. Otherwise pairs run as two rows each (:func:`rayft.preference.collate_pairs`)."""
+    from transformers import AutoConfig
+
+    if cfg.attn_implementation != "sdpa":
+        return False
+    config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision,
+                                        trust_remote_code=cfg.trust_remote_code).get_text_config()
+    if getattr(config, "layer_types", None):
+        return set(config.layer_types) == {"full_attention"}
+    return not (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))
+
+
 def _training_attention(name: str) -> str:
     """``sdpa`` trains with the same SDPA kernels, one example at a time inside packed rows
     (:mod:`rayft.packed_attention`): no ``T x T`` block mask, and scores only within each example."""

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from rayft.data import IGNORE_INDEX, collate
 from rayft.engine import MicroBatch
-from rayft.preference import PairSet, collate_pairs
-from rayft.preference_losses import dpo_loss, sequence_logps
+from rayft.preference import PairSet, collate_pairs, collate_shared_prompts
+from rayft.preference_losses import dpo_loss, sequence_logps, shared_prompt_mask, shared_sequence_logps
 from rayft.rowset import RowSet
 
 
@@ -127,8 +127,10 @@ class PairwiseRewardObjective:
     """Bradley-Terry on pairs for a one-score sequence head, normalised by the global pair count; optional
     reward centring (``center_coef * mean (r_c + r_r)^2``, TRL's ``center_rewards_coefficient``).
 
-    A micro-batch holds ``input_ids`` / ``attention_mask`` ``[2B, T]``: the B chosen sequences, then their B
-    rejected ones (one forward for both), and optionally ``margin`` ``[B]``.
+    A micro-batch holds the B pairs in one forward: one row per pair with the prompt once
+    (:func:`rayft.preference.collate_shared_prompts`; the scores are read at each answer's last token), or
+    ``input_ids`` ``[2B, T]``, the B chosen sequences then their B rejected ones
+    (:func:`rayft.preference.collate_pairs`); optionally ``margin`` ``[B]``.
     """
 
     data: Any = None
@@ -137,13 +139,24 @@ class PairwiseRewardObjective:
     needs_reference: bool = False
 
     def normaliser(self, mb: MicroBatch) -> float:
-        return mb.tensors["input_ids"].shape[0] // 2
+        return len(mb.tensors["index"]) if "index" in mb.tensors else mb.tensors["input_ids"].shape[0] // 2
 
     def _rewards(self, engine, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         t = mb.to(engine.device)
-        scores = engine.forward(**pair_inputs(t)).logits[:, 0].float()
-        b = scores.shape[0] // 2
-        return scores[:b], scores[b:], t.get("margin")
+        if "chosen_end" not in t:
+            scores = engine.forward(**pair_inputs(t)).logits[:, 0].float()
+            b = scores.shape[0] // 2
+            return scores[:b], scores[b:], t.get("margin")
+        # the head pools one position per row; both answers' last tokens are read from its per-position scores
+        captured = []
+        hook = score_head(engine.module).register_forward_hook(lambda mod, args, out: captured.append(out))
+        try:
+            engine.forward(**pair_inputs(t))
+        finally:
+            hook.remove()
+        scores_BT = captured[-1][..., 0].float()
+        rows_B = torch.arange(scores_BT.shape[0], device=scores_BT.device)
+        return scores_BT[rows_B, t["chosen_end"] - 1], scores_BT[rows_B, t["rejected_end"] - 1], t.get("margin")
 
     def loss(self, engine, mb: MicroBatch, normaliser: float) -> tuple[torch.Tensor, dict[str, float]]:
         chosen, rejected, margin = self._rewards(engine, mb)
@@ -168,17 +181,36 @@ class PairwiseRewardObjective:
 
 
 def pair_inputs(t: dict) -> dict:
-    """The model inputs of collated pairs: ``input_ids`` only. The rows are right-padded, so under the causal
-    mask a real token attends only to real tokens before it; without a padding mask the attention runs SDPA's
-    causal kernel and no ``[2B, 1, T, T]`` mask is built for every forward. Outputs at padded positions are
-    never read: a score head takes the last token that is not padding (from ``input_ids``), log-probs sum
-    over ``response_mask``."""
-    return {"input_ids": t["input_ids"]}
+    """The model inputs of collated pairs.
+
+    Two rows per pair (:func:`rayft.preference.collate_pairs`): ``input_ids`` only. The rows are right-padded,
+    so under the causal mask a real token attends only to real tokens before it; without a padding mask the
+    attention runs SDPA's causal kernel and no ``[2B, 1, T, T]`` mask is built for every forward. Outputs at
+    padded positions are never read: a score head takes the last token that is not padding (from
+    ``input_ids``), log-probs sum over ``response_mask``.
+
+    One row per pair, the prompt once (:func:`rayft.preference.collate_shared_prompts`): ``input_ids``, the
+    ``position_ids`` (the rejected answer's restart after the prompt) and the ``[B, 1, T, T]`` mask that keeps
+    each answer from seeing the other (:func:`rayft.preference_losses.shared_prompt_mask`)."""
+    if "chosen_end" not in t:
+        return {"input_ids": t["input_ids"]}
+    mask = shared_prompt_mask(t["prompt_len"], t["chosen_end"], t["rejected_end"], t["input_ids"].shape[1])
+    return {"input_ids": t["input_ids"], "position_ids": t["position_ids"], "attention_mask": mask}
 
 
-def pairs_batch(pairs: PairSet, pad_id: int) -> MicroBatch:
-    """Collated pairs (:func:`rayft.preference.collate_pairs`) with their token and pair counts."""
-    return MicroBatch(collate_pairs(pairs, pad_id), tokens=pairs.num_tokens(), samples=len(pairs))
+def score_head(model) -> torch.nn.Module:
+    """The sequence-score head (``score``) of a transformers model, PEFT-wrapped or not (PEFT's copy of it
+    when trained with ``modules_to_save``: the wrapper runs the active adapter's)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.score
+
+
+def pairs_batch(pairs: PairSet, pad_id: int, shared_prompt: bool = False) -> MicroBatch:
+    """Collated pairs with their token and pair counts: one row per pair with the prompt once
+    (``shared_prompt``, :func:`rayft.preference.collate_shared_prompts`) or two rows per pair
+    (:func:`rayft.preference.collate_pairs`)."""
+    collate = collate_shared_prompts if shared_prompt else collate_pairs
+    return MicroBatch(collate(pairs, pad_id), tokens=pairs.num_tokens(), samples=len(pairs))
 
 
 def _valid(mb: MicroBatch, like: torch.Tensor) -> torch.Tensor:
@@ -204,9 +236,10 @@ class PairData:
     n_test: int = 0
     train_all: Any = None  # EvalShards of the whole train PairSet (precomputed reference log-probs)
     n_train: int = 0
+    shared_prompt: bool = False  # one row per pair, the prompt once (rayft.modeling.supports_shared_prompts)
 
     def train_batches(self, step: int, rank: int) -> list[MicroBatch]:
-        return [pairs_batch(p, self.pad_id) for p in self.train.micro_batches(step, rank)]
+        return [pairs_batch(p, self.pad_id, self.shared_prompt) for p in self.train.micro_batches(step, rank)]
 
     def eval_batches(self, rank: int) -> list[MicroBatch]:
         return self._held_out(self.eval, self.n_eval, rank)
@@ -223,7 +256,8 @@ class PairData:
         for b in range(math.ceil(math.ceil(n_pairs / self.world) / mbs)):
             part = shard[b * mbs:(b + 1) * mbs]
             real = len(part) > 0
-            mb = pairs_batch(part if real else (shard if len(shard) else shards.shard(0))[:1], self.pad_id)
+            mb = pairs_batch(part if real else (shard if len(shard) else shards.shard(0))[:1], self.pad_id,
+                             self.shared_prompt)
             mb.tensors["valid"] = torch.full((mb.samples,), float(real))
             out.append(mb)
         return out
@@ -233,8 +267,8 @@ class PairData:
 class DPOObjective:
     """DPO-family loss on pairs against the engine's reference policy, / the global pair count.
 
-    A micro-batch is :func:`pairs_batch`'s: ``input_ids`` / ``attention_mask`` / ``response_mask`` ``[2B, T]``
-    (B chosen, then B rejected) and ``index`` ``[B]``. With ``precompute_ref`` the reference log-probs of
+    A micro-batch is :func:`pairs_batch`'s, either layout: one row per pair with the prompt once, or
+    ``input_ids`` / ``response_mask`` ``[2B, T]`` (B chosen, then B rejected); and ``index`` ``[B]``. With ``precompute_ref`` the reference log-probs of
     every training pair are computed once, before the first update (each worker scores its share of the
     train set, then all-reduce), and looked up by ``index`` afterwards; otherwise the reference runs beside
     the policy at every step. Held-out pairs always run the reference (it is not trained, only evaluated).
@@ -261,7 +295,10 @@ class DPOObjective:
 
     @staticmethod
     def _logps(forward, t: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(answer log-probs [2B], answer token counts [2B])``: the B chosen answers, then the B rejected."""
         logits = forward(**pair_inputs(t)).logits
+        if "chosen_end" in t:
+            return shared_sequence_logps(logits, t["input_ids"], t["prompt_len"], t["chosen_end"], t["rejected_end"])
         return sequence_logps(logits, t["input_ids"], t["response_mask"])
 
     def _reference(self, engine, t: dict, lookup: bool) -> torch.Tensor:

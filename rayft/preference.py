@@ -5,7 +5,8 @@ pair stays comparable, and keep the pairs in flat arrays.
 Pipeline (on the driver, once; the pairs reach the workers through the object store)::
 
     read_rows (rayft.readers) -> (columns rename) -> pair_messages -> tokenize_pair -> truncate_pair
-        -> build_pairs (one source) -> prepare_pairs (train / eval / test) -> PairSet -> collate_pairs
+        -> build_pairs (one source) -> prepare_pairs (train / eval / test) -> PairSet
+        -> collate_shared_prompts (one row per pair, the prompt once) or collate_pairs (two rows per pair)
 
 Boundary: ``prompt + answer`` is rendered once and tokenized once (``add_special_tokens=False``: a BOS comes
 from the template or not at all, never twice; TRL PR #1591, axolotl #1616). The prompt rendered with the
@@ -267,6 +268,43 @@ def collate_pairs(pairs: PairSet, pad_id: int) -> dict:
     return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),
             "response_mask": torch.from_numpy(resp), "margin": torch.from_numpy(pairs.margin.astype(np.float32)),
             "index": torch.from_numpy(pairs.index.copy())}
+
+
+def collate_shared_prompts(pairs: PairSet, pad_id: int) -> dict:
+    """One forward's tensors for ``B`` pairs, each pair in one row whose prompt is written once: the prompt,
+    the chosen answer, then the rejected answer, right-padded (``input_ids`` ``[B, T]``). The rejected
+    answer's positions restart where the prompt ends (``position_ids``), and it must attend to the prompt
+    and itself only (:func:`rayft.preference_losses.shared_prompt_mask` builds that mask from ``prompt_len``,
+    ``chosen_end`` and ``rejected_end`` ``[B]``). So each answer sees exactly what it sees in its own
+    sequence, and the prompt, most of a pair's tokens in many preference sets, runs through the model once
+    instead of twice (prefix sharing, Wang et al. 2024, arXiv:2410.20305). ``margin`` and ``index`` as in
+    :func:`collate_pairs`.
+
+    >>> ps = PairSet.from_pairs([Pair(2, [5, 6, 7], [5, 6, 8, 9])])
+    >>> t = collate_shared_prompts(ps, pad_id=0)
+    >>> t["input_ids"].tolist(), t["position_ids"].tolist(), t["chosen_end"].tolist(), t["rejected_end"].tolist()
+    ([[5, 6, 7, 8, 9]], [[0, 1, 2, 2, 3]], [3], [5])
+    """
+    import torch
+
+    b = len(pairs)
+    prompt = pairs.prompt_len
+    chosen_end = np.diff(pairs.chosen_offsets)
+    rejected_end = chosen_end + np.diff(pairs.rejected_offsets) - prompt
+    width = int(rejected_end.max())
+    ids = np.full((b, width), pad_id, dtype=np.int64)
+    pos = np.tile(np.arange(width, dtype=np.int64), (b, 1))  # padding: any position; it is never attended
+    for row in range(b):
+        c, r = pairs.sequences(row)
+        p, ce, re = prompt[row], chosen_end[row], rejected_end[row]
+        ids[row, :ce] = c
+        ids[row, ce:re] = r[p:]
+        pos[row, ce:re] = np.arange(p, len(r))
+    return {"input_ids": torch.from_numpy(ids), "position_ids": torch.from_numpy(pos),
+            "prompt_len": torch.from_numpy(prompt.astype(np.int64)),
+            "chosen_end": torch.from_numpy(chosen_end.astype(np.int64)),
+            "rejected_end": torch.from_numpy(rejected_end.astype(np.int64)),
+            "margin": torch.from_numpy(pairs.margin.astype(np.float32)), "index": torch.from_numpy(pairs.index.copy())}
 
 
 # ------------------------------------------------------------------------------------------------ building

@@ -47,6 +47,61 @@ def sequence_logps(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor,
     return logps_B.index_add(0, rows_N, token_logps_N), mask_BT.sum(dim=1)
 
 
+def shared_prompt_segments(prompt_len_B: torch.Tensor, chosen_end_B: torch.Tensor, rejected_end_B: torch.Tensor,
+                           width: int) -> torch.Tensor:
+    """``[B, T]`` segment of every position of pairs written with their prompt once
+    (:func:`rayft.preference.collate_shared_prompts`): 0 prompt, 1 chosen answer, 2 rejected answer, 3 padding."""
+    t_T = torch.arange(width, device=prompt_len_B.device)
+    seg_BT = torch.full((len(prompt_len_B), width), 3, dtype=torch.int64, device=prompt_len_B.device)
+    seg_BT[t_T < rejected_end_B[:, None]] = 2
+    seg_BT[t_T < chosen_end_B[:, None]] = 1
+    seg_BT[t_T < prompt_len_B[:, None]] = 0
+    return seg_BT
+
+
+def shared_prompt_mask(prompt_len_B: torch.Tensor, chosen_end_B: torch.Tensor, rejected_end_B: torch.Tensor,
+                       width: int) -> torch.Tensor:
+    """Boolean attention mask ``[B, 1, T, T]`` (True: attend) of pairs written with their prompt once: causal,
+    and an answer's tokens see the prompt and their own answer, never the other one. Padding queries see
+    every key before them (no row is fully masked; no real query sees a padding key).
+
+    >>> shared_prompt_mask(torch.tensor([1]), torch.tensor([2]), torch.tensor([3]), 3)[0, 0].int().tolist()
+    [[1, 0, 0], [1, 1, 0], [1, 0, 1]]
+    """
+    seg_BT = shared_prompt_segments(prompt_len_B, chosen_end_B, rejected_end_B, width)
+    t_T = torch.arange(width, device=seg_BT.device)
+    causal_TT = t_T[:, None] >= t_T[None, :]
+    q_BT1, k_B1T = seg_BT[:, :, None], seg_BT[:, None, :]
+    return (causal_TT & ((k_B1T == 0) | (k_B1T == q_BT1) | (q_BT1 == 3)))[:, None]
+
+
+def shared_sequence_logps(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor, prompt_len_B: torch.Tensor,
+                          chosen_end_B: torch.Tensor, rejected_end_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sequence_logps` of pairs written with their prompt once: ``(log-probs [2B], answer token counts
+    [2B])``, the B chosen answers then the B rejected ones. An answer token is predicted by the logits of the
+    position before it, except the rejected answer's first token, which the prompt's last position predicts
+    (as for the chosen answer's first). A prompt of length 0 leaves the first answer token unpredicted, as in
+    :func:`sequence_logps`.
+
+    >>> logits = torch.zeros(1, 4, 4)  # uniform over 4 tokens: prompt [0], chosen [1, 2], rejected [3]
+    >>> lp, n = shared_sequence_logps(logits, torch.tensor([[0, 1, 2, 3]]), torch.tensor([1]), torch.tensor([3]),
+    ...                               torch.tensor([4]))
+    >>> [round(x, 4) for x in lp.tolist()], n.tolist()  # 2 and 1 times ln(1/4)
+    ([-2.7726, -1.3863], [2, 1])
+    """
+    b, width = input_ids_BT.shape
+    seg_BT = shared_prompt_segments(prompt_len_B, chosen_end_B, rejected_end_B, width)
+    t_T = torch.arange(width, device=seg_BT.device)
+    pred_BT = torch.where(t_T[None, :] == chosen_end_B[:, None], prompt_len_B[:, None] - 1, t_T[None, :] - 1)
+    rows_N, cols_N = (((seg_BT == 1) | (seg_BT == 2)) & (pred_BT >= 0)).nonzero(as_tuple=True)
+    picked_NV = logits_BTV[rows_N, pred_BT[rows_N, cols_N]].float()
+    targets_N = input_ids_BT[rows_N, cols_N]
+    token_logps_N = picked_NV.gather(-1, targets_N[:, None]).squeeze(-1) - torch.logsumexp(picked_NV, dim=-1)
+    seq_N = rows_N + b * (seg_BT[rows_N, cols_N] == 2)
+    logps_2B = torch.zeros(2 * b, dtype=torch.float32, device=logits_BTV.device)
+    return logps_2B.index_add(0, seq_N, token_logps_N), torch.bincount(seq_N, minlength=2 * b)
+
+
 @dataclass(frozen=True)
 class DPOTerms:
     """Per-pair results: the loss and what the metrics need (implicit rewards ``beta * log-ratio``)."""

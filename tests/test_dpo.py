@@ -100,3 +100,42 @@ def test_pair_data_pads_held_out_shards_to_the_same_count(pairs):
     data = PairData(train=None, eval=Shards(ps[0:3], 2), n_eval=3, world=2, micro_batch_size=1, pad_id=pad)
     counts = [[float(mb.tensors["valid"].sum()) for mb in data.eval_batches(r)] for r in (0, 1)]
     assert counts == [[1.0, 1.0], [1.0, 0.0]]
+
+
+def test_pairs_written_with_their_prompt_once_score_as_two_rows(dist_group, assets, tmp_path, pairs):
+    """One row per pair (the prompt once, each answer masked from the other, the rejected answer's positions
+    restarting after the prompt) gives what two rows per pair give: the policy's and the reference's answer
+    log-probs, the reward model's scores, and the same losses and metrics."""
+    from rayft.config import RewardModelConfig, load_config
+    from rayft.modeling import supports_shared_prompts
+    from rayft.objectives import PairwiseRewardObjective
+
+    ps, pad = pairs
+    two, one = pairs_batch(ps[0:4], pad), pairs_batch(ps[0:4], pad, shared_prompt=True)
+    assert one.tensors["input_ids"].numel() < 0.7 * two.tensors["input_ids"].numel()
+    rm_cfg = load_config(RewardModelConfig, ROOT / "configs" / "reward_model_tiny.yaml", [
+        f"model.name_or_path={assets['model']}", f"data.train={assets['pref_train']}", "train.num_workers=1",
+        f"run.storage_path={tmp_path}", "finetune.init_adapter=null"])
+    assert supports_shared_prompts(rm_cfg.model)
+    reward = Engine(rm_cfg, head="seq_cls", total_steps=10, rank=0, world=1, device=torch.device("cpu"),
+                    pad_token_id=pad)
+    for engine, objective in ((dpo_engine(assets, tmp_path), DPOObjective(beta=0.5)),
+                              (reward, PairwiseRewardObjective())):
+        trainable = [p for p in engine.module.parameters() if p.requires_grad]
+        with torch.no_grad():  # a trained adapter, not the fresh one (whose LoRA B is 0)
+            for p in trainable:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        engine.ds.eval()  # no dropout: the two layouts would draw different masks
+        with torch.no_grad():
+            if objective.needs_reference:
+                with engine.reference() as ref_forward:
+                    ref = [DPOObjective._logps(ref_forward, mb.tensors) for mb in (two, one)]
+                for (a, na), (b, nb) in (ref, [DPOObjective._logps(engine.forward, mb.tensors) for mb in (two, one)]):
+                    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-5)
+                    assert nb.tolist() == na.tolist()
+            else:
+                a, b = (torch.cat(objective._rewards(engine, mb)[:2]) for mb in (two, one))
+                torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+            (la, ma), (lb, mb_) = (objective.loss(engine, mb, 4.0) for mb in (two, one))
+        torch.testing.assert_close(lb, la, atol=1e-5, rtol=1e-5)
+        assert mb_ == pytest.approx(ma, abs=1e-5)

@@ -14,6 +14,7 @@ from rayft.preference import (
     PairSet,
     build_pairs,
     collate_pairs,
+    collate_shared_prompts,
     pair_messages,
     prepare_pairs,
     tokenize_pair,
@@ -171,6 +172,11 @@ def test_pairset_take_slice_and_collate(tok):
     assert t["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1]]
     assert t["response_mask"].tolist() == [[0, 0, 0, 1], [0, 0, 1, 0], [0, 0, 0, 1], [0, 0, 1, 1]]
     assert t["margin"].tolist() == [1.0, 0.5] and t["index"].tolist() == [2, 0]
+    one = collate_shared_prompts(sub, pad_id=0)  # one row per pair: prompt, chosen answer, rejected answer
+    assert one["input_ids"].tolist() == [[1, 1, 1, 2, 3], [1, 2, 3, 4, 5]]
+    assert one["position_ids"].tolist() == [[0, 1, 2, 3, 3], [0, 1, 2, 2, 3]]
+    assert (one["prompt_len"].tolist(), one["chosen_end"].tolist(), one["rejected_end"].tolist()) == ([3, 2], [4, 3], [5, 5])
+    assert one["margin"].tolist() == [1.0, 0.5] and one["index"].tolist() == [2, 0]
 
 
 def test_prepare_pairs_holds_out_a_fraction_when_no_eval_is_given(tok, tmp_path):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from rayft.objectives import bradley_terry_loss
-from rayft.preference_losses import dpo_loss, sequence_logps
+from rayft.preference_losses import dpo_loss, sequence_logps, shared_prompt_mask, shared_sequence_logps
 
 B, T = 3, 6
 
@@ -32,6 +32,24 @@ def test_sequence_logps_sums_answer_tokens_only():
     want = [full[0, 1, 3] + full[0, 2, 4], full[1, 0, 4] + full[1, 1, 4]]
     torch.testing.assert_close(lp, torch.stack(want))
     assert n.tolist() == [2, 2]
+
+
+def test_shared_prompt_rows_pick_each_answer_token_from_its_own_context():
+    """Row 0: prompt [0, 1], chosen answer [2, 3], rejected answer [4], padding. Row 1: prompt [0], chosen
+    [1], rejected [2, 3]. The rejected answer's first token is predicted from the prompt's last position."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 7)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 0], [6, 5, 4, 3, 0, 0]])
+    prompt, chosen_end, rejected_end = torch.tensor([2, 1]), torch.tensor([4, 2]), torch.tensor([5, 4])
+    lp, n = shared_sequence_logps(logits, ids, prompt, chosen_end, rejected_end)
+    f = torch.log_softmax(logits, -1)
+    want = [f[0, 1, 3] + f[0, 2, 4], f[1, 0, 5], f[0, 1, 5], f[1, 0, 4] + f[1, 2, 3]]
+    torch.testing.assert_close(lp, torch.stack(want))
+    assert n.tolist() == [2, 1, 1, 2]
+    mask = shared_prompt_mask(prompt, chosen_end, rejected_end, 6)[:, 0].int().tolist()
+    assert mask[0][4] == [1, 1, 0, 0, 1, 0]  # rejected sees the prompt and itself, not the chosen answer
+    assert mask[1][3] == [1, 0, 1, 1, 0, 0] and mask[1][1] == [1, 1, 0, 0, 0, 0]
+    assert mask[0][5] == [1, 1, 1, 1, 1, 1]  # a padding query sees everything before it: no empty row
 
 
 def test_hand_computed_values():
