@@ -111,9 +111,9 @@ class MetricsFile:
         if self.trackers is not None:
             self.trackers.write(record)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         """Write the TensorBoard events still queued (its writer thread flushes every few seconds); end the
-        tracker runs."""
+        tracker runs (as failed: the process goes on after a failed run, e.g. a pipeline)."""
         self.tensorboard.close()
         if self.trackers is not None:
-            self.trackers.close()
+            self.trackers.close(failed)

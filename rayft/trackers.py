@@ -81,8 +81,8 @@ class _MLflow:
         self.mlflow.log_metrics(metrics, step=step, run_id=self.run_id,
                                 timestamp=None if seconds is None else int(seconds * 1000))
 
-    def close(self) -> None:
-        self.mlflow.end_run()
+    def close(self, failed: bool = False) -> None:
+        self.mlflow.end_run(status="FAILED" if failed else "FINISHED")
 
 
 class _Wandb:
@@ -104,8 +104,8 @@ class _Wandb:
     def log(self, metrics: dict, step: int, seconds: float | None) -> None:
         self.run.log(metrics, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 class Trackers:
@@ -147,6 +147,6 @@ class Trackers:
     def _save(self) -> None:
         self.state_path.write_text(json.dumps({**self.state, "time": time.time()}, indent=1))
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         for tracker in self.open.values():
-            tracker.close()
+            tracker.close(failed)

@@ -478,6 +478,7 @@ class RLRun:
         self.roles = Roles(cfg, init_adapter=self.init_adapter, pad_token_id=self.tokenizer.pad_token_id,
                            total_updates=self.max_steps * cfg.update.epochs * cfg.update.mini_batches)
         self.timings["roles_start_s"] = time.perf_counter() - t0
+        metrics = None
         try:
             if checkpoints := self._checkpoints():
                 self._restore(checkpoints[-1])
@@ -504,8 +505,11 @@ class RLRun:
                         on_step(self, self.step)
             self.timings["loop_s"] = time.perf_counter() - t0
             metrics.close()
+            metrics = None
             return self._finish()
         finally:
+            if metrics is not None:  # the loop failed: its tracker runs end as failed, not left open
+                metrics.close(failed=True)
             self.roles.kill()
 
     def _finish(self) -> RLResult:

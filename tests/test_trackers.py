@@ -152,3 +152,20 @@ def test_tracker_config_errors_name_the_field_and_the_extra(tmp_path, monkeypatc
                                           r"pip install 'rayft\[wandb\]'$"):
         require_packages(job(tmp_path, {"wandb": {"mode": "offline"}}).run)
     require_packages(job(tmp_path, {}).run)  # nothing configured, nothing needed
+
+
+def test_a_failed_run_ends_its_mlflow_run_as_failed_and_the_next_run_starts_cleanly(tmp_path):
+    """The RL controller runs in the driver, which goes on after a failed run (a pipeline): its tracker run must
+    end there, as FAILED, or the next run in that process finds MLflow's run still active."""
+    from mlflow import MlflowClient
+
+    uri = (tmp_path / "mlruns").as_uri()
+    cfg = job(tmp_path, {"mlflow": {"tracking_uri": uri}})
+    metrics = MetricsFile(tmp_path / "runs" / "track-me", 0, cfg)
+    metrics.write({"step": 1, "loss": 2.0, "time": 1_700_000_001.0})
+    metrics.close(failed=True)
+    other = job(tmp_path, {"name": "next-one", "mlflow": {"tracking_uri": uri}})
+    attempt(tmp_path / "runs" / "next-one", 0, other, {1: 1.0})
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("rayft").experiment_id])
+    assert sorted((r.info.run_name, r.info.status) for r in runs) == [("next-one", "FINISHED"), ("track-me", "FAILED")]
