@@ -169,15 +169,13 @@ def test_a_sweep_that_cannot_fit_says_so_before_starting(assets, ray_local, tmp_
 
 
 def _trial_states(sweep_dir: Path) -> dict[str, str]:
-    """Trial id -> status, as the sweep's last saved experiment state records them."""
-    states = sorted(sweep_dir.glob("experiment_state-*.json"))
-    if not states:
-        return {}
+    """Trial id -> status, as the sweep's last saved experiment state records them ({} while it is rewritten)."""
+    from rayft.search_resume import saved_trial_statuses
+
     try:
-        data = json.loads(states[-1].read_text())
-    except json.JSONDecodeError:  # being rewritten
+        return saved_trial_statuses(sweep_dir)
+    except json.JSONDecodeError:
         return {}
-    return {s["trial_id"]: s["status"] for s in (json.loads(t[0]) for t in data["trial_data"])}
 
 
 def _snapshot(sweep_dir: Path, trial_id: str, run_dir: Path) -> dict:
