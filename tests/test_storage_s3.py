@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import tiny_sft_config
@@ -70,9 +71,33 @@ def read_s3(uri: str, name: str) -> bytes:
 
 def test_path_helpers():
     assert doctest.testmod(storage).failed == 0
-    assert storage.staging_dir("/mnt/runs/a") == storage.Path("/mnt/runs/a")
+    assert storage.staging_dir("/mnt/runs/a") == Path("/mnt/runs/a")
     one, two = storage.staging_dir("s3://b/runs/a"), storage.staging_dir("s3://other/runs/a")
     assert one.name == two.name == "a" and one != two, "distinct URIs never share a staging directory"
+
+
+def test_push_and_pull_copy_the_named_files(s3_endpoint, tmp_path):
+    """push uploads the named files that exist; pull makes the staging copy of each name equal to storage's
+    (stale local files and directories replaced, a name storage lacks removed)."""
+    uri = s3_uri(s3_endpoint, "unit/run")
+    a = tmp_path / "a"
+    (a / "tensorboard").mkdir(parents=True)
+    (a / "metrics.jsonl").write_text('{"step": 5}\n')
+    (a / "tensorboard" / "events.1").write_text("x")
+    (a / "config.yaml").write_text("not named: stays local")
+    storage.push(uri, a, ["metrics.jsonl", "tensorboard", "absent.json"])
+    assert read_s3(uri, "metrics.jsonl") == b'{"step": 5}\n' and read_s3(uri, "tensorboard/events.1") == b"x"
+    with pytest.raises(OSError):
+        read_s3(uri, "config.yaml")
+    b = tmp_path / "b"
+    (b / "tensorboard").mkdir(parents=True)
+    (b / "tensorboard" / "events.stale").write_text("old")
+    (b / "attempts.jsonl").write_text("stale")
+    storage.pull(uri, b, ["metrics.jsonl", "tensorboard", "attempts.jsonl"])
+    assert (b / "metrics.jsonl").read_text() == '{"step": 5}\n'
+    assert [p.name for p in (b / "tensorboard").iterdir()] == ["events.1"]
+    assert not (b / "attempts.jsonl").exists(), "a name storage lacks is removed from the staging copy"
+    assert not storage.has_dir(uri, "checkpoint_") and storage.has_dir(uri, "tensor")
 
 
 def test_unusable_storage_fails_fast_naming_the_field(s3_endpoint, monkeypatch):
