@@ -12,6 +12,8 @@ Re-running with the same ``run.name`` (and ``run.storage_path``) resumes from it
 config is refused (only the fields in rayft.config.RESUME_MAY_CHANGE may differ). RAYFT_VERBOSE=1 shows
 the workers' own output.
 The adapter is registered under ``run.registry/<run.adapter_name or run.name>``.
+``run.storage_path`` may be a URI (``--set run.storage_path=s3://bucket/runs``; credentials and endpoint from
+AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL on every node): see rayft/storage.py.
 """
 
 from __future__ import annotations

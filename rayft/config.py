@@ -306,14 +306,32 @@ class WandbConfig(Strict):
     mode: Literal["online", "offline"] | None = Field(None, description="default: $WANDB_MODE, else online")
 
 
+def filesystem_path(value: str | None, what: str) -> str | None:
+    """``value`` unless it is a URI, which ``what`` (the reason) rules out: a field validator's body."""
+    if value is not None and "://" in value:
+        raise ValueError(f"{value!r} is a URI; {what}")
+    return value
+
+
+REGISTRY_NOT_URI = ("the registry must be a filesystem path (a shared filesystem on a cluster): serving and "
+                    "vLLM load adapters from its directories")
+
+
 class RunConfig(Strict):
     name: str = Field("sft", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    storage_path: str = Field("runs", description="run directories live here (shared storage on multi-node)")
-    registry: str = Field("adapters", description="adapter registry directory read by sweep, RL and serving")
+    storage_path: str = Field("runs", description="run directories live here: a path (shared storage on "
+                              "multi-node) or a URI such as s3://bucket/prefix (rayft.storage)")
+    registry: str = Field("adapters", description="adapter registry directory read by sweep, RL and serving "
+                          "(a filesystem path: shared storage on multi-node)")
     adapter_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     progress: bool = True
     mlflow: MLflowConfig | None = Field(None, description="also log the metrics to MLflow (off when absent)")
     wandb: WandbConfig | None = Field(None, description="also log the metrics to Weights & Biases (off when absent)")
+
+    @field_validator("registry")
+    @classmethod
+    def _registry(cls, v):
+        return filesystem_path(v, REGISTRY_NOT_URI)
 
 
 class TrainingJobConfig(Strict):

@@ -10,14 +10,13 @@ are SFT's (:func:`rayft.sft.torch_trainer`, :mod:`rayft.train_loop`). Everything
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
 from rayft import sft
 from rayft.config import DPOConfig, RewardModelConfig, resolve_paths, save_config
-from rayft.runs import CONFIG_FILE, LOSS_CURVE, SUMMARY_FILE
+from rayft.runs import CONFIG_FILE
 
 log = logging.getLogger("rayft.dpo")
 PreferenceConfig = DPOConfig | RewardModelConfig
@@ -121,8 +120,4 @@ def run_preference(cfg: PreferenceConfig, *, num_cpus: int | None = None) -> sft
     timings["fit_s"] = time.perf_counter() - t0
     adapter_dir, metrics = register_result(cfg, result)
     ylabel = f"DPO loss ({cfg.dpo.loss_type})" if isinstance(cfg, DPOConfig) else "Bradley-Terry loss"
-    plot = sft.plot_loss_curve(run_dir, run_dir / LOSS_CURVE, ylabel=ylabel)
-    (run_dir / SUMMARY_FILE).write_text(json.dumps(
-        {"adapter": str(adapter_dir), "metrics": metrics, "timings": timings,
-         "loss_curve": str(plot) if plot else None}, indent=2))
-    return sft.SFTResult(run_dir=run_dir, adapter_dir=adapter_dir, metrics=metrics, timings=timings)
+    return sft.finish_run(cfg, adapter_dir, metrics, timings, ylabel=ylabel)

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from rayft.config import ConfigError, Strict, load_config
+from rayft.config import REGISTRY_NOT_URI, ConfigError, Strict, filesystem_path, load_config
 
 log = logging.getLogger("rayft.pipeline")
 
@@ -60,6 +60,16 @@ class PipelineConfig(Strict):
     rl: StageSection | None = None
     serve: ServeStage | None = None
     eval: StageSection | None = None
+
+    @field_validator("storage_path")
+    @classmethod
+    def _storage(cls, v):  # the pipeline's state (pipeline.json) is written with plain file code
+        return filesystem_path(v, "a pipeline's runs must be on a filesystem path (shared storage on a cluster)")
+
+    @field_validator("registry")
+    @classmethod
+    def _registry(cls, v):
+        return filesystem_path(v, REGISTRY_NOT_URI)
 
 
 @dataclass

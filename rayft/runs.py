@@ -1,5 +1,8 @@
 """A run directory, ``<run.storage_path>/<run.name>/``, and everything named inside it, in one place.
 
+``run.storage_path`` may be a URI (``s3://bucket/prefix``): Ray Train then keeps the checkpoints there and
+the files below live in a local staging copy that is pulled and pushed (:mod:`rayft.storage`).
+
 Every training job (SFT, DPO, reward model, the RL learner) writes the same layout::
 
     config.yaml          the resolved config (a resubmission is compared with it: see check_resume)
@@ -22,8 +25,9 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
+from rayft import storage
 from rayft.config import RESUME_MAY_CHANGE, ConfigError, TrainingJobConfig, changed_fields, dump_config
-from rayft.trackers import Trackers, scalars
+from rayft.trackers import TRACKERS_FILE, Trackers, scalars
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -35,14 +39,24 @@ PROBE_FILE = "export_probe.safetensors"
 LOSS_CURVE = "loss_curve.png"
 STATE_FILE = "trainer_state.json"  # inside a checkpoint
 FINAL_DIR = "final"  # inside the last checkpoint: the artifact
+WANDB_DIR = "wandb"
+# who writes what, for the copies to and from a URI's storage (rayft.storage): each side pushes its own files
+DRIVER_FILES = (CONFIG_FILE, DATA_STATS_FILE, SUMMARY_FILE, PROBE_FILE, LOSS_CURVE)
+WORKER_FILES = (METRICS_FILE, ATTEMPTS_FILE, TENSORBOARD_DIR, TRACKERS_FILE, WANDB_DIR)
+
+
+def run_location(cfg: TrainingJobConfig) -> str:
+    """Where the run lives: ``<run.storage_path>/<run.name>``, a directory or a URI."""
+    return storage.join(cfg.run.storage_path, cfg.run.name)
 
 
 def run_dir_of(cfg: TrainingJobConfig) -> Path:
-    return Path(cfg.run.storage_path) / cfg.run.name
+    """The run's local directory: the run directory itself, or for a URI its staging copy."""
+    return storage.staging_dir(run_location(cfg))
 
 
-def has_checkpoint(run_dir: Path) -> bool:
-    return any(p.is_dir() for p in Path(run_dir).glob("checkpoint_*"))
+def has_checkpoint(location: str | Path) -> bool:
+    return storage.has_dir(str(location), "checkpoint_")
 
 
 def check_resume(cfg: TrainingJobConfig, run_dir: Path) -> None:
@@ -53,14 +67,16 @@ def check_resume(cfg: TrainingJobConfig, run_dir: Path) -> None:
     never happened. Only fields in ``RESUME_MAY_CHANGE`` may differ.
     """
     saved = Path(run_dir) / CONFIG_FILE
-    if not (saved.exists() and has_checkpoint(run_dir)):
+    location = run_location(cfg)
+    if not (saved.exists() and has_checkpoint(location)):
         return
     changes = changed_fields(yaml.safe_load(saved.read_text()), dump_config(cfg))
     if changes:
+        where = storage.shown(location)
         raise ConfigError(
-            f"run {cfg.run.name!r} already has checkpoints in {run_dir}, made with another config; resuming would "
+            f"run {cfg.run.name!r} already has checkpoints in {where}, made with another config; resuming would "
             f"train on under the new values. Changed: {'; '.join(changes)}. To start a new run, set run.name to a "
-            f"new name (or delete {run_dir}); a resume may change only {', '.join(RESUME_MAY_CHANGE)}"
+            f"new name (or delete {where}); a resume may change only {', '.join(RESUME_MAY_CHANGE)}"
         )
 
 
@@ -110,6 +126,10 @@ class MetricsFile:
             self.tensorboard.add_scalar(key, value, record["step"], walltime=record.get("time"))
         if self.trackers is not None:
             self.trackers.write(record)
+
+    def flush(self) -> None:
+        """Write the TensorBoard events still queued (before the run directory is copied to storage)."""
+        self.tensorboard.flush()
 
     def close(self, failed: bool = False) -> None:
         """Write the TensorBoard events still queued (its writer thread flushes every few seconds); end the

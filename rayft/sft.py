@@ -16,20 +16,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rayft import artifacts
+from rayft import artifacts, storage
 from rayft.config import ConfigError, SFTConfig, TrainingJobConfig, dump_config, resolve_paths, save_config
 from rayft.data import DataError
 from rayft.runs import (
     CONFIG_FILE,
     DATA_STATS_FILE,
+    DRIVER_FILES,
     FINAL_DIR,
     LOSS_CURVE,
     PROBE_FILE,
     STATE_FILE,
     SUMMARY_FILE,
+    WORKER_FILES,
     check_resume,
     read_metrics,
     run_dir_of,
+    run_location,
 )
 from rayft.schedule import Plan
 from rayft.trackers import require_packages
@@ -162,8 +165,9 @@ def torch_trainer(cfg: TrainingJobConfig, prepared: Prepared, objective, plan: P
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / DATA_STATS_FILE).write_text(json.dumps(prepared.stats, indent=2))
-    loop = LoopConfig(config=dump_config(cfg), config_cls=type(cfg), objective=objective,
-                      total_steps=total_steps, run_dir=str(run_dir), init_adapter=resolve_init_adapter(cfg),
+    storage.push(run_location(cfg), run_dir, DRIVER_FILES)  # config.yaml, data_stats.json: for a URI's storage
+    loop = LoopConfig(config=dump_config(cfg), config_cls=type(cfg), objective=objective, total_steps=total_steps,
+                      run_dir=str(run_dir), run_location=run_location(cfg), init_adapter=resolve_init_adapter(cfg),
                       pad_token_id=prepared.pad_token_id, progress=progress, epoch_of=plan.epoch_of)
     return TorchTrainer(
         train_loop_per_worker,
@@ -213,7 +217,8 @@ def register_result(cfg: TrainingJobConfig, result, *, name: str | None = None, 
             dataset={**cfg.data.model_dump(mode="json", include={"train", "eval", "test", "format"}), "stats": stats},
             config=dump_config(cfg),
             metrics=metrics,
-            source={"job": job, "run_name": cfg.run.name, "run_dir": str(run_dir), **(source or {})},
+            source={"job": job, "run_name": cfg.run.name, "run_dir": storage.shown(run_location(cfg)),
+                    **(source or {})},
         )
         path = artifacts.register(Path(ckpt) / FINAL_DIR, cfg.run.registry, manifest)
         if (Path(ckpt) / PROBE_FILE).exists():
@@ -248,9 +253,12 @@ def plot_loss_curve(run_dir: Path, out: Path, ylabel: str = "token cross-entropy
 
 
 def check_run(cfg: TrainingJobConfig) -> Path:
-    """The run directory, after refusing a resubmission whose config differs from its checkpoints' (or that
-    names a tracker whose package is missing)."""
-    run_dir = run_dir_of(cfg)
+    """The run directory (local: for a URI's storage, its staging copy with the driver's files pulled), after
+    refusing storage that cannot be used, a resubmission whose config differs from its checkpoints', or a
+    tracker whose package is missing."""
+    location, run_dir = run_location(cfg), run_dir_of(cfg)
+    storage.check_storage(location)
+    storage.pull(location, run_dir, DRIVER_FILES)
     check_resume(cfg, run_dir)
     require_packages(cfg.run)
     return run_dir
@@ -272,13 +280,23 @@ def run_sft(cfg: SFTConfig, *, num_cpus: int | None = None) -> SFTResult:
     prepared = put(rows, stats)
     t0 = time.perf_counter()
     log.info("training %s with %d workers, ZeRO-%d, %s -> %s", cfg.model.name_or_path, cfg.train.num_workers,
-             cfg.deepspeed.stage, cfg.finetune.method, run_dir)
+             cfg.deepspeed.stage, cfg.finetune.method, storage.shown(run_location(cfg)))
     with ProgressDisplay(f"sft {cfg.run.name}", enabled=cfg.run.progress) as display:
         result = build_trainer(cfg, prepared, progress=display.queue).fit()
     timings["fit_s"] = time.perf_counter() - t0
     adapter_dir, metrics = register_result(cfg, result)
-    plot = plot_loss_curve(run_dir, run_dir / LOSS_CURVE)
+    return finish_run(cfg, adapter_dir, metrics, timings)
+
+
+def finish_run(cfg: TrainingJobConfig, adapter_dir: Path, metrics: dict, timings: dict,
+               ylabel: str = "token cross-entropy") -> SFTResult:
+    """After a registered run: its loss curve and summary.json; for a URI's storage, the metrics pulled first
+    (rank 0 wrote them on its node) and the driver's files pushed last."""
+    location, run_dir = run_location(cfg), run_dir_of(cfg)
+    storage.pull(location, run_dir, WORKER_FILES)
+    plot = plot_loss_curve(run_dir, run_dir / LOSS_CURVE, ylabel=ylabel)
     (run_dir / SUMMARY_FILE).write_text(json.dumps(
         {"adapter": str(adapter_dir), "metrics": metrics, "timings": timings,
          "loss_curve": str(plot) if plot else None}, indent=2))
+    storage.push(location, run_dir, DRIVER_FILES)
     return SFTResult(run_dir=run_dir, adapter_dir=adapter_dir, metrics=metrics, timings=timings)

@@ -31,12 +31,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from rayft.config import (
+    REGISTRY_NOT_URI,
     ConfigError,
     DPOConfig,
     SFTConfig,
     Strict,
     TrainingJobConfig,
     dump_config,
+    filesystem_path,
     load_config,
     set_path,
 )
@@ -191,6 +193,16 @@ class SweepRunConfig(Strict):
     registry: str | None = Field(None, description="where the best artifact goes; default: the job config's")
     register_best_as: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
                                          description="registry name of the best artifact; default <name>-best")
+
+    @field_validator("storage_path")
+    @classmethod
+    def _storage(cls, v):  # trials write their results, and the sweep its tables, with plain file code
+        return filesystem_path(v, "a sweep's directory must be a filesystem path (shared storage on a cluster)")
+
+    @field_validator("registry")
+    @classmethod
+    def _registry(cls, v):
+        return filesystem_path(v, REGISTRY_NOT_URI)
 
 
 class SweepConfig(Strict):

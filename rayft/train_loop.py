@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
+from rayft import storage
 from rayft.engine import Engine, EngineState
-from rayft.runs import FINAL_DIR, PROBE_FILE, STATE_FILE, MetricsFile
+from rayft.runs import FINAL_DIR, PROBE_FILE, STATE_FILE, WORKER_FILES, MetricsFile
 
 log = logging.getLogger("rayft.train")
 PROBE_TOKENS = 16
@@ -39,7 +40,8 @@ class LoopConfig:
     config_cls: type
     objective: Any  # rayft.objectives.*, with its data handles
     total_steps: int
-    run_dir: str
+    run_dir: str  # local: the run directory, or the staging copy of a run on a URI (rayft.storage)
+    run_location: str  # the run directory or its URI
     init_adapter: str | None = None
     pad_token_id: int | None = None
     progress: Any = None  # ray.util.queue.Queue read by the driver's display (rank 0 writes), or None
@@ -128,7 +130,10 @@ class Loop:
         self.cfg, self.lc, self.engine, self.objective, self.rank = cfg, lc, engine, objective, rank
         self.data = objective.data
         state = engine.state
-        self.metrics_file = MetricsFile(Path(lc.run_dir), state.step, cfg) if rank == 0 else None
+        self.metrics_file = None
+        if rank == 0:  # this node's staging copy starts as storage's: a resume continues its metrics
+            storage.pull(lc.run_location, Path(lc.run_dir), WORKER_FILES)
+            self.metrics_file = MetricsFile(Path(lc.run_dir), state.step, cfg)
         self._emit({"event": "start", "step": state.step, "total": lc.total_steps})
 
     def _emit(self, record: dict) -> None:
@@ -163,7 +168,12 @@ class Loop:
             self.report(record, checkpoint=do_save)
         if self.metrics_file is not None:
             self.metrics_file.close()
+            self.push()
         self.export(last)
+
+    def push(self) -> None:
+        """Copy rank 0's run files to the run's storage (nothing to do for a filesystem path)."""
+        storage.push(self.lc.run_location, Path(self.lc.run_dir), WORKER_FILES)
 
     def step_metrics(self, w: Window, evaluation: dict) -> dict:
         s, e = self.engine.state, self.engine
@@ -192,6 +202,9 @@ class Loop:
         self.engine.save_checkpoint(tmp)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         shutil.rmtree(tmp, ignore_errors=True)
+        if self.metrics_file is not None:  # the metrics up to this checkpoint go to storage with it
+            self.metrics_file.flush()
+            self.push()
 
     def export(self, last: dict) -> None:
         """The final report: the artifact, the export probe, the final metrics (held-out test set included

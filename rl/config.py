@@ -257,6 +257,9 @@ class RLConfig(TrainingJobConfig):
         if self.roles.placement == "separate" and self.train.use_gpu and self.roles.rollout.gpus == 0:
             raise ValueError("roles.placement=separate on GPUs gives the rollout actors their own GPUs: set "
                              "roles.rollout.gpus")
+        if "://" in self.run.storage_path:  # the controller keeps its checkpoints with plain file code
+            raise ValueError(f"run.storage_path={self.run.storage_path!r} is a URI; GRPO/PPO runs need a "
+                             "filesystem path (shared storage on a cluster); URIs work for SFT, DPO and reward models")
         stale = self.max_staleness()
         if stale and self.loss.tis_cap is None:
             raise ValueError(f"rollouts may be {stale} policy version(s) old (sync.every={self.sync.every}, "
