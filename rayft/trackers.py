@@ -5,8 +5,8 @@ writes the metrics (rank 0 of a Ray Train job, the RL controller).
 One tracker run per rayft run, named after it. Its id is kept in ``<run dir>/trackers.json``, so a resumed
 run (from a checkpoint: ``resume_step > 0``) continues the same tracker run; a start from step 0 opens a new
 one, as it begins a new ``metrics.jsonl``. A tracker cannot take back a point, so a step is sent once:
-MLflow (its writes are synchronous) does not get again the steps a resume redoes (after the checkpoint,
-already sent before the crash; the replay is deterministic, so their values agree); W&B gets the steps after
+MLflow does not get again the steps a resume redoes (after the checkpoint, already sent before the crash;
+the replay is deterministic, so their values agree), as its store says which it holds; W&B gets the steps after
 the last one it holds (online: the server's; offline: none, as each start writes its own file, and a killed
 process's file may hold nothing). Steps a tracker has not had yet (say it was added on resume) are sent from
 ``metrics.jsonl`` when it opens.
@@ -75,7 +75,14 @@ class _MLflow:
             self.mlflow.log_dict(config, "config.yaml")
 
     def last_sent(self, saved: int) -> int:
-        return saved  # log_metrics returns once the store has the points
+        """The last step the store holds: it, not ``saved`` (trackers.json), is the truth, since a process
+        killed between ``log_metrics`` and writing trackers.json sent a step trackers.json does not record.
+        (One history read per metric key, on resume only.)"""
+        if saved < 0:  # a new MLflow run (or one on another server): nothing of it in the store
+            return saved
+        client = self.mlflow.MlflowClient()
+        keys = client.get_run(self.run_id).data.metrics
+        return max((m.step for key in keys for m in client.get_metric_history(self.run_id, key)), default=-1)
 
     def log(self, metrics: dict, step: int, seconds: float | None) -> None:
         self.mlflow.log_metrics(metrics, step=step, run_id=self.run_id,

@@ -64,6 +64,23 @@ def test_mlflow_run_is_continued_on_resume_each_step_once(tmp_path):
     assert [(m.step, m.value) for m in client.get_metric_history(second, "loss")] == [(0, 7.0)]
 
 
+def test_a_step_sent_to_mlflow_just_before_a_kill_is_not_sent_again(tmp_path):
+    """A worker killed after MLflow took a step but before trackers.json recorded it: the resume asks MLflow's
+    store what it holds (the killed-worker Ray test hit this window: step 25 twice)."""
+    from mlflow import MlflowClient
+
+    uri = (tmp_path / "mlruns").as_uri()
+    cfg = job(tmp_path, {"mlflow": {"tracking_uri": uri}})
+    run_dir = tmp_path / "runs" / "track-me"
+    attempt(run_dir, 0, cfg, {1: 4.0, 2: 3.0, 3: 2.0})
+    state = json.loads((run_dir / TRACKERS_FILE).read_text())
+    state["mlflow"]["last_step"] = 2  # the kill came between log_metrics(step 3) and saving trackers.json
+    (run_dir / TRACKERS_FILE).write_text(json.dumps(state))
+    attempt(run_dir, 2, cfg, {3: 2.0, 4: 1.5})
+    history = MlflowClient(uri).get_metric_history(saved_ids(run_dir)["mlflow"], "loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 4.0), (2, 3.0), (3, 2.0), (4, 1.5)]
+
+
 def test_mlflow_added_on_resume_gets_the_earlier_steps_from_metrics_jsonl(tmp_path):
     from mlflow import MlflowClient
 
