@@ -28,6 +28,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# The demo's model and settings (measured in bench/results/rl_demo.md, "Settings measured"); the shipped
+# configs keep the tests' tiny model and settings, these override them for the demo only.
+DEMO_MODEL = {"hidden_size": 128, "layers": 2, "pretrain_steps": 300}
+DEMO_SFT: list[str] = []
+DEMO_GRPO: list[str] = []
+KEPT_SECTION = "\n## Settings measured"  # a hand-written section of rl_demo.md that a re-run keeps
+
 
 def paths_overrides(assets: dict, work: Path, name: str) -> list[str]:
     return [f"model.name_or_path={assets['model']}", f"run.name={name}", f"run.storage_path={work / 'runs'}",
@@ -71,6 +78,11 @@ def main() -> int:
     ap.add_argument("--work", default=None, help="assets, runs and registry (default: a temporary directory)")
     ap.add_argument("--n-eval", type=int, default=200, help="held-out prompts scored (arith-eval has 200)")
     ap.add_argument("--set", action="append", default=[], help="GRPO config override key=value (repeatable)")
+    ap.add_argument("--sft-set", action="append", default=[],
+                    help="SFT config override key=value for the starting adapter and the control (repeatable)")
+    ap.add_argument("--hidden", type=int, default=DEMO_MODEL["hidden_size"], help="the demo model's hidden size")
+    ap.add_argument("--layers", type=int, default=DEMO_MODEL["layers"], help="the demo model's layers")
+    ap.add_argument("--pretrain-steps", type=int, default=DEMO_MODEL["pretrain_steps"])
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -83,14 +95,17 @@ def main() -> int:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="rl-demo-"))
     t0 = time.perf_counter()
-    assets = build_assets(work / "assets")
+    model_size = {"hidden_size": args.hidden, "layers": args.layers, "pretrain_steps": args.pretrain_steps}
+    assets = build_assets(work / "assets", **model_size)
     assets_s = time.perf_counter() - t0
     init_ray(2)
 
-    sft, sft_wall, sft_cfg = run_sft(assets, work, "sft-tiny", [])
+    sft_set = [*DEMO_SFT, *args.sft_set]
+    grpo_set = [*DEMO_GRPO, *args.set]
+    sft, sft_wall, sft_cfg = run_sft(assets, work, "sft-tiny", sft_set)
     grpo_cfg = load_config(RLConfig, ROOT / "configs" / "grpo_tiny.yaml", [
         *paths_overrides(assets, work, "grpo-tiny"), f"finetune.init_adapter={sft.adapter_dir}",
-        f"prompts.source={assets['train']}", f"prompts.eval={assets['eval']}", *args.set])
+        f"prompts.source={assets['train']}", f"prompts.eval={assets['eval']}", *grpo_set])
     t0 = time.perf_counter()
     grpo = run_rl(grpo_cfg)
     grpo_wall = time.perf_counter() - t0
@@ -102,7 +117,7 @@ def main() -> int:
     train_s = max(r.get("train_time_s", 0.0) for r in sft_records)
     overhead_s = sft.timings["fit_s"] - train_s
     control_steps = max(1, round(sft_steps / train_s * (grpo_wall - overhead_s)))
-    control, control_wall, _ = run_sft(assets, work, "sft-longer", [
+    control, control_wall, _ = run_sft(assets, work, "sft-longer", [*sft_set,
         f"finetune.init_adapter={sft.adapter_dir}", f"train.max_steps={control_steps}",
         f"train.eval_steps={control_steps}", f"train.save_steps={control_steps}"])
 
@@ -124,13 +139,17 @@ def main() -> int:
                         if k in r} for r in records],
         "grpo_zero_variance_groups_mean": (sum(r.get("zero_variance_groups", 0) for r in steps) / len(steps)
                                            if steps else math.nan),
-        "grpo_overrides": args.set,
+        "model": model_size,
+        "sft_overrides": sft_set,
+        "grpo_overrides": grpo_set,
         "machine": f"{os.cpu_count()} CPUs",
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "rl_demo.json").write_text(json.dumps(report, indent=2))
-    (out / "rl_demo.md").write_text(markdown(report))
+    md = out / "rl_demo.md"
+    kept = md.read_text().split(KEPT_SECTION, 1) if md.exists() else []
+    md.write_text(markdown(report) + (KEPT_SECTION + kept[1] if len(kept) == 2 else ""))
     print(markdown(report))
     return 0
 
@@ -140,7 +159,7 @@ def markdown(r: dict) -> str:
         s = r["accuracy"][name]
         return f"{100 * s[f'accuracy_{mode}']:.1f} ± {100 * s[f'accuracy_{mode}_se']:.1f}"
 
-    w, st = r["wall_s"], r["steps"]
+    w, st, m = r["wall_s"], r["steps"], r["model"]
     lines = [
         "# RL demo: tiny arithmetic task, SFT -> GRPO vs. SFT-longer for the same wall time",
         "",
@@ -156,9 +175,12 @@ def markdown(r: dict) -> str:
         f"| control: SFT continued | {st['sft_longer']} | {w['sft_longer']:.0f} | {acc('sft_longer', 'strict')} | "
         f"{acc('sft_longer', 'lenient')} | {r['gain_points']['sft_longer']:+.1f} |",
         "",
-        f"GRPO: mean share of zero-variance groups {r['grpo_zero_variance_groups_mean']:.2f}; "
-        f"overrides {r['grpo_overrides'] or 'none'}. The control's step count: GRPO's wall time less the first "
-        "SFT run's start-up, times that run's training steps per second.",
+        f"Model: hidden size {m['hidden_size']}, {m['layers']} layers, {m['pretrain_steps']} pretraining steps "
+        f"(`rayft.tiny`). SFT overrides (start and control) {r['sft_overrides'] or 'none'}; GRPO overrides "
+        f"{r['grpo_overrides'] or 'none'} (over `configs/sft_tiny.yaml`, `configs/grpo_tiny.yaml`).",
+        "",
+        f"GRPO: mean share of zero-variance groups {r['grpo_zero_variance_groups_mean']:.2f}. The control's step "
+        "count: GRPO's wall time less the first SFT run's start-up, times that run's training steps per second.",
         "",
     ]
     return "\n".join(lines)

@@ -224,12 +224,20 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     return path
 
 
-def build_assets(out: str | Path, n_train: int = 2000, n_eval: int = 200) -> dict[str, Path]:
-    """Everything the demo and the shipped tiny configs need, under ``out``. Idempotent."""
+def build_assets(out: str | Path, n_train: int = 2000, n_eval: int = 200, *, hidden_size: int = 128, layers: int = 2,
+                 pretrain_steps: int = 300) -> dict[str, Path]:
+    """Everything the demo and the shipped tiny configs need, under ``out``. Idempotent. The model's size
+    defaults to the tests' tiny one; ``bench/rl_demo.py`` builds a larger one (a model already in ``out``
+    of another size is an error, not silently reused)."""
     out = Path(out)
     model_dir = out / "tiny-model"
-    if not (model_dir / "config.json").exists():
-        save_tiny_model(model_dir)
+    if (model_dir / "config.json").exists():
+        have = json.loads((model_dir / "config.json").read_text())
+        if (have.get("hidden_size"), have.get("num_hidden_layers")) != (hidden_size, layers):
+            raise ValueError(f"{model_dir} holds a model of hidden size {have.get('hidden_size')} and "
+                             f"{have.get('num_hidden_layers')} layers, not {hidden_size} and {layers}: use another --out")
+    else:
+        save_tiny_model(model_dir, hidden_size=hidden_size, layers=layers, pretrain_steps=pretrain_steps)
     train = write_jsonl(out / "arith-train.jsonl", arithmetic_rows(n_train, seed=1))
     evaluation = write_jsonl(out / "arith-eval.jsonl", arithmetic_rows(n_eval, seed=2))
     pref_train = write_jsonl(out / "arith-pref-train.jsonl", arithmetic_pref_rows(n_train, seed=3))
