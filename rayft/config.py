@@ -306,9 +306,18 @@ class WandbConfig(Strict):
     mode: Literal["online", "offline"] | None = Field(None, description="default: $WANDB_MODE, else online")
 
 
+def is_uri(path: str | Path) -> bool:
+    """A URI (``s3://bucket/runs``, ``gs://...``) rather than a filesystem path.
+
+    >>> is_uri("s3://bucket/runs"), is_uri("/mnt/shared/runs")
+    (True, False)
+    """
+    return "://" in str(path)
+
+
 def filesystem_path(value: str | None, what: str) -> str | None:
     """``value`` unless it is a URI, which ``what`` (the reason) rules out: a field validator's body."""
-    if value is not None and "://" in value:
+    if value is not None and is_uri(value):
         raise ValueError(f"{value!r} is a URI; {what}")
     return value
 
@@ -620,6 +629,6 @@ def resolve_paths(cfg: C, base: str | Path | None = None) -> C:
         out.prompts = prompts.with_paths(fix)
     for attr in ("storage_path", "registry"):
         p = Path(getattr(out.run, attr)).expanduser()
-        if "://" not in getattr(out.run, attr):
+        if not is_uri(getattr(out.run, attr)):
             setattr(out.run, attr, str(p if p.is_absolute() else (base / p).resolve()))
     return out

@@ -34,17 +34,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from rayft.config import ConfigError
+from rayft.config import ConfigError, is_uri
 
 PROBE_TIMEOUT_S = 30.0  # check_storage: an endpoint that does not answer in this long is reported, not waited on
-
-
-def is_uri(path: str | Path) -> bool:
-    """
-    >>> is_uri("s3://bucket/runs"), is_uri("/mnt/shared/runs")
-    (True, False)
-    """
-    return "://" in str(path)
 
 
 def join(base: str, *parts: str) -> str:

@@ -41,7 +41,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rayft.config import ConfigError, TrainingJobConfig, dump_config, load_config, resolve_paths, save_config
+from rayft.config import (
+    ConfigError,
+    TrainingJobConfig,
+    dump_config,
+    is_uri,
+    load_config,
+    resolve_paths,
+    save_config,
+)
 from rayft.runs import CONFIG_FILE, read_metrics, run_dir_of
 from rayft.sweep_config import (
     JOBS,
@@ -264,7 +272,7 @@ def _search_alg(sweep: SweepConfig, concurrency: int):
 
 def _absolute(path: str) -> str:
     """Local paths absolute (trials run in other working directories); URIs as they are."""
-    return path if "://" in path else str(Path(path).expanduser().resolve())
+    return path if is_uri(path) else str(Path(path).expanduser().resolve())
 
 
 def _scheduler(sweep: SweepConfig, base: TrainingJobConfig, max_t: int | None):

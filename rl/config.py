@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from rayft.config import RESOURCES_DOC, RunConfig, Strict, TrainingJobConfig, check_custom_resources
+from rayft.config import RESOURCES_DOC, RunConfig, Strict, TrainingJobConfig, check_custom_resources, is_uri
 
 BUILTIN_REWARDS = ("correctness", "closeness", "format", "length")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -129,6 +129,10 @@ class UpdateConfig(Strict):
 
     epochs: int = Field(1, ge=1)
     mini_batches: int = Field(1, ge=1)
+    share_prompts: bool = Field(True, description="the learner runs a group's shared prompt once per micro-batch "
+                                "(a KV cache the completions attend to) instead of once per sequence; the same "
+                                "log-probabilities and gradients. Off under model.gradient_checkpointing, and for "
+                                "models with sliding-window layers")
 
 
 class RewardSpec(Strict):
@@ -257,7 +261,7 @@ class RLConfig(TrainingJobConfig):
         if self.roles.placement == "separate" and self.train.use_gpu and self.roles.rollout.gpus == 0:
             raise ValueError("roles.placement=separate on GPUs gives the rollout actors their own GPUs: set "
                              "roles.rollout.gpus")
-        if "://" in self.run.storage_path:  # the controller keeps its checkpoints with plain file code
+        if is_uri(self.run.storage_path):  # the controller keeps its checkpoints with plain file code
             raise ValueError(f"run.storage_path={self.run.storage_path!r} is a URI; GRPO/PPO runs need a "
                              "filesystem path (shared storage on a cluster); URIs work for SFT, DPO and reward models")
         stale = self.max_staleness()
