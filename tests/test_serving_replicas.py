@@ -39,9 +39,12 @@ def two_replicas(ray_local, assets):
 
 
 def engine_replicas() -> list[str]:
+    import ray
     from ray.util.state import list_actors
 
-    return [a.name for a in list_actors(filters=[("class_name", "=", f"ServeReplica:{APP}:Engine"),
+    # this session's cluster by address: auto-detection fails while another Ray runs on the machine
+    return [a.name for a in list_actors(address=ray.get_runtime_context().gcs_address,
+                                        filters=[("class_name", "=", f"ServeReplica:{APP}:Engine"),
                                                  ("state", "=", "ALIVE")])]
 
 

@@ -104,7 +104,8 @@ def test_trials_show_in_the_dashboard(tiny_sweep, ray_local):
     runs = ray_local.get(get_state_actor().get_train_runs.remote())
     names = {run.name for run in runs.values()}
     assert {f"tiny-sweep-{t}" for t in result.table.trial_id} <= names, names
-    actors = list_actors(filters=[("class_name", "=", "ImplicitFunc")], limit=1000)
+    actors = list_actors(address=ray_local.get_runtime_context().gcs_address,  # not auto-detected: see above
+                         filters=[("class_name", "=", "ImplicitFunc")], limit=1000)
     assert len(actors) >= 4
 
 
