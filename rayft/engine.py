@@ -154,11 +154,12 @@ class Engine:
         """The (PEFT-wrapped) transformers model being trained."""
         return self.ds.module
 
-    def forward(self, **inputs):
-        """The policy's forward. ``use_cache=False`` always: with a KV cache transformers does not build the
-        block-diagonal mask of packed rows, and attention would cross example boundaries whenever the
-        model's config says ``use_cache: true`` (Qwen2.5's does)."""
-        return self.ds(**inputs, use_cache=False)
+    def forward(self, use_cache: bool = False, **inputs):
+        """The policy's forward. ``use_cache=False`` unless asked: with a KV cache transformers does not build
+        the block-diagonal mask of packed rows, and attention would cross example boundaries whenever the
+        model's config says ``use_cache: true`` (Qwen2.5's does). The RL learner asks for it to run a shared
+        prompt once (:func:`rayft.rl.objectives.completion_logit_rows`)."""
+        return self.ds(**inputs, use_cache=use_cache)
 
     @contextmanager
     def reference(self) -> Iterator[Any]:
@@ -167,7 +168,7 @@ class Engine:
         copy. Yields the forward callable; call it under ``torch.no_grad()``."""
         model = self.ds.module
         if self.ref_model is not None:
-            yield lambda **inputs: self.ref_model(**inputs, use_cache=False)
+            yield lambda use_cache=False, **inputs: self.ref_model(**inputs, use_cache=use_cache)
         elif REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
             model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
             try:

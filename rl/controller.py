@@ -61,10 +61,11 @@ class RLResult:
 
 # ----------------------------------------------------------------------------------- functions on learners
 
-def _logprobs(engine, batches, temperature: float, reference: bool):
+def _logprobs(engine, batches, temperature: float, reference: bool, share_prompts: bool = False):
     from rayft.rl.objectives import completion_logprobs
 
-    return [completion_logprobs(engine, mb, temperature, reference=reference) for mb in batches]
+    return [completion_logprobs(engine, mb, temperature, reference=reference, share_prompts=share_prompts)
+            for mb in batches]
 
 
 def _values(engine, batches):
@@ -351,10 +352,11 @@ class RLRun:
         """``update.epochs`` passes over ``update.mini_batches`` engine steps (and the critic's, for PPO). The
         learner's log-probabilities before the first update (several updates) and the reference's (``beta >
         0``) are computed once per rollout batch."""
-        from rayft.rl.objectives import PolicyObjective, ValueObjective
+        from rayft.rl.objectives import PolicyObjective, ValueObjective, shares_prompts
 
         cfg, pad = self.cfg, self.tokenizer.pad_token_id
         objective = PolicyObjective.from_config(cfg)
+        share = shares_prompts(cfg)
         minis = [m for m in split_even(seqs, cfg.update.mini_batches) if m]
         batches = [[[to_micro_batch(c, m[0], pad) for c in rank]
                     for rank in rank_micro_batches(m, cfg.train.num_workers, cfg.train.micro_batch_size)]
@@ -366,7 +368,7 @@ class RLRun:
                 if not wanted:
                     continue
                 got = self.roles.learner.call(
-                    lambda a, rank, b=per_rank, ref=reference: a.apply.remote(_logprobs, b[rank], temp, ref),
+                    lambda a, rank, b=per_rank, ref=reference: a.apply.remote(_logprobs, b[rank], temp, ref, share),
                     key)
                 for rank_batches, tensors in zip(per_rank, got, strict=True):
                     for mb, lp in zip(rank_batches, tensors, strict=True):

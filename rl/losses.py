@@ -173,13 +173,22 @@ def masked_token_logprobs(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor, 
     """:func:`token_logprobs` (and, detached, :func:`entropy_from_logits`) at the masked positions only, 0
     elsewhere: the float32 log-softmax over the vocabulary is built for the ``N`` completion tokens, not for
     all ``B * T`` positions (with a 150k vocabulary that is gigabytes per micro-batch)."""
+    rows_NV = logits_BTV[:, :-1][mask_BT[:, 1:].bool()]
+    return logprobs_of_rows(rows_NV, input_ids_BT, mask_BT, temperature, with_entropy=with_entropy)
+
+
+def logprobs_of_rows(rows_NV: torch.Tensor, input_ids_BT: torch.Tensor, mask_BT: torch.Tensor,
+                     temperature: float = 1.0, *, with_entropy: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`masked_token_logprobs` from the ``N`` logit rows that predict the masked tokens, given in the
+    order of ``mask_BT[:, 1:]``'s true entries (row by row), however they were computed."""
     sel = mask_BT[:, 1:].bool()
-    rows_NV = logits_BTV[:, :-1][sel].float()
+    rows_NV = rows_NV.float()
     if temperature != 1.0:
         rows_NV = rows_NV / temperature
     logp_NV = F.log_softmax(rows_NV, dim=-1)
     lp_N = torch.gather(logp_NV, 1, input_ids_BT[:, 1:][sel][:, None]).squeeze(1)
-    zeros = torch.zeros(sel.shape, dtype=torch.float32, device=logits_BTV.device)
+    zeros = torch.zeros(sel.shape, dtype=torch.float32, device=rows_NV.device)
     lp_BT = F.pad(zeros.masked_scatter(sel, lp_N), (1, 0))
     if not with_entropy:
         return lp_BT, None

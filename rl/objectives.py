@@ -82,23 +82,84 @@ def _model_inputs(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]}
 
 
+def can_share_prompts(config) -> bool:
+    """Whether a model runs :func:`completion_logit_rows`' shared-prompt path: every layer full attention (a
+    sliding-window cache keeps only its window, so the prompt's keys could fall out of it)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(config, "layer_types", None):
+        return set(config.layer_types) == {"full_attention"}
+    return not (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))
+
+
+def completion_logit_rows(forward, t: dict[str, torch.Tensor], share_prompts: bool = False) -> torch.Tensor:
+    """``[N, V]``: the logits that predict the micro-batch's ``N`` completion tokens, in the order of
+    ``completion_mask[:, 1:]``'s true entries (row by row); ``forward`` is the model's (policy or reference).
+
+    ``share_prompts``: the sequences of a GRPO group share their prompt, which is most of their tokens (the
+    tiny task: ~85 of ~106). Each distinct prompt then runs once, its keys and values (a KV cache, still in
+    the autograd graph) are repeated for the sequences that share it, and the completions run on top of it.
+    Each completion token sees exactly the prompt and its own earlier tokens, as in its own sequence, so the
+    log-probabilities and gradients equal the plain path's to float rounding (tests/test_rl_objectives.py);
+    the prompt's share of the forward and backward is paid once per group instead of once per sequence. It
+    takes a model whose forward accepts ``past_key_values`` (transformers' causal LMs) with full attention
+    (:func:`can_share_prompts`); a micro-batch with an empty completion (the filler) or without a repeated
+    prompt runs the plain path."""
+    ids, cm = t["input_ids"], t["completion_mask"]
+    n_completion = cm.sum(1)
+    if not share_prompts or bool((n_completion == 0).any()):
+        return forward(**_model_inputs(t)).logits[:, :-1][cm[:, 1:].bool()]
+    starts = cm.argmax(1).tolist()  # the first completion token: the prompt's length
+    groups: dict[tuple, int] = {}
+    group = [groups.setdefault(tuple(row[:p]), len(groups)) for row, p in zip(ids.tolist(), starts, strict=True)]
+    if len(groups) == len(group):
+        return forward(**_model_inputs(t)).logits[:, :-1][cm[:, 1:].bool()]
+    device, pad = ids.device, 0  # padding: any id, never attended
+    # the distinct prompts, left-padded so that each one's last token is the last position
+    width = max(starts)
+    prompt_ids = torch.full((len(groups), width), pad, dtype=ids.dtype, device=device)
+    prompt_mask = torch.zeros((len(groups), width), dtype=t["attention_mask"].dtype, device=device)
+    for prompt, g in groups.items():
+        prompt_ids[g, width - len(prompt):] = torch.tensor(prompt, dtype=ids.dtype, device=device)
+        prompt_mask[g, width - len(prompt):] = 1
+    out = forward(input_ids=prompt_ids, attention_mask=prompt_mask,
+                  position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0), use_cache=True)
+    index = torch.tensor(group, device=device)
+    cache = out.past_key_values
+    cache.batch_select_indices(index)  # each sequence's copy of its prompt's keys and values (a gather)
+    # the completions, right-padded, after their prompt
+    c_width = int(n_completion.max())
+    slots = torch.arange(c_width, device=device)
+    real = slots[None, :] < n_completion[:, None]  # [B, C]
+    starts_t = torch.tensor(starts, device=device)
+    comp_ids = torch.where(real, ids.gather(1, (starts_t[:, None] + slots[None, :]).clamp(max=ids.shape[1] - 1)),
+                           torch.zeros((), dtype=ids.dtype, device=device))
+    mask = torch.cat([prompt_mask[index], real.to(prompt_mask.dtype)], dim=1)
+    comp = forward(input_ids=comp_ids, attention_mask=mask, position_ids=starts_t[:, None] + slots[None, :],
+                   past_key_values=cache, use_cache=True).logits
+    # completion token 0 is predicted by its prompt's last position, token s by the completion's position s-1
+    pred = torch.cat([out.logits[:, -1][index][:, None], comp[:, :-1]], dim=1)
+    return pred[real]
+
+
 @torch.no_grad()
-def completion_logprobs(engine, mb: MicroBatch, temperature: float = 1.0, *, reference: bool = False) -> torch.Tensor:
+def completion_logprobs(engine, mb: MicroBatch, temperature: float = 1.0, *, reference: bool = False,
+                        share_prompts: bool = False) -> torch.Tensor:
     """``[B, T]`` log-probabilities of the micro-batch's tokens under the learner's current policy (or the
     reference), 0 off the completion, on CPU: the ``old_logprobs`` / ``ref_logprobs`` of :func:`policy_batch`.
     Runs in eval mode (no dropout). Under ZeRO-3 forwards are collective: every rank calls it equally often."""
     t = mb.to(engine.device)
     was_training = engine.ds.training
     engine.ds.eval()
+    share_prompts = share_prompts and can_share_prompts(engine.module.config)
     try:
         if reference:
             with engine.reference() as forward:
-                logits = forward(**_model_inputs(t)).logits
+                rows = completion_logit_rows(forward, t, share_prompts)
         else:
-            logits = engine.forward(**_model_inputs(t)).logits
+            rows = completion_logit_rows(engine.forward, t, share_prompts)
     finally:
         engine.ds.train(was_training)
-    return L.masked_token_logprobs(logits, t["input_ids"], t["completion_mask"], temperature)[0].cpu()
+    return L.logprobs_of_rows(rows, t["input_ids"], t["completion_mask"], temperature)[0].cpu()
 
 
 def _token_values(out_BT1: torch.Tensor) -> torch.Tensor:
@@ -120,6 +181,12 @@ def completion_values(engine, mb: MicroBatch) -> torch.Tensor:
     return (values * t["completion_mask"]).cpu()
 
 
+def shares_prompts(cfg) -> bool:
+    """``update.share_prompts`` where it applies: not under gradient checkpointing (transformers turns the
+    cache off there), nor ZeRO-3 (ranks could choose different paths, and its forwards are collective)."""
+    return cfg.update.share_prompts and not cfg.model.gradient_checkpointing and cfg.deepspeed.stage != 3
+
+
 # --------------------------------------------------------------------------------------------- objectives
 
 @dataclass
@@ -137,6 +204,7 @@ class PolicyObjective:
     tis_cap: float | None = 2.0
     mask_truncated: bool = False
     temperature: float = 1.0
+    share_prompts: bool = False  # a group's prompt runs once (completion_logit_rows)
     data: None = None  # fed batch by batch by the RL learner
     head: str = "causal_lm"
 
@@ -146,7 +214,8 @@ class PolicyObjective:
         lc = cfg.loss
         return cls(aggregation=lc.aggregation, clip_low=lc.clip_low, clip_high=lc.clip_high, dual_clip=lc.dual_clip,
                    beta=lc.beta, kl_estimator=lc.kl_estimator, kl_ratio_correction=lc.kl_ratio_correction,
-                   tis_cap=lc.tis_cap, mask_truncated=lc.mask_truncated, temperature=cfg.sampling.temperature)
+                   tis_cap=lc.tis_cap, mask_truncated=lc.mask_truncated, temperature=cfg.sampling.temperature,
+                   share_prompts=shares_prompts(cfg))
 
     @property
     def needs_reference(self) -> bool:
@@ -161,9 +230,9 @@ class PolicyObjective:
         ref = t.get("ref_logprobs")
         if self.beta > 0 and ref is None:
             ref = completion_logprobs(engine, mb, self.temperature, reference=True).to(engine.device)
-        logits = engine.forward(**_model_inputs(t)).logits
-        lp, entropy = L.masked_token_logprobs(logits, t["input_ids"], t["completion_mask"], self.temperature,
-                                              with_entropy=True)
+        rows = completion_logit_rows(engine.forward, t, self.share_prompts and can_share_prompts(engine.module.config))
+        lp, entropy = L.logprobs_of_rows(rows, t["input_ids"], t["completion_mask"], self.temperature,
+                                         with_entropy=True)
         old = t["old_logprobs"] if "old_logprobs" in t else lp.detach()
         rollout = t.get("rollout_logprobs")
         is_w = L.truncated_is_weights(old, rollout, self.tis_cap) if self.tis_cap and rollout is not None else None

@@ -220,3 +220,47 @@ def test_a_step_lowers_the_surrogate_loss(dist_group, assets, tmp_path, rollout,
     if aggregation == "token":
         change = ((completion_logprobs(engine, mb) - before).sum(1) / mask.sum(1)).tolist()
         assert [c > 0 for c in change] == [a > 0 for a in rollout["advantages"]], change
+
+
+def test_a_shared_prompt_run_once_gives_the_same_logprobs_loss_and_gradient(dist_group, assets, tmp_path):
+    """Two groups (prompts of 7 and 11 tokens) of three completions of uneven length, in one micro-batch: with
+    ``share_prompts`` each prompt runs once and its completions attend to its cached keys and values. The
+    completion log-probabilities (policy and reference), the loss and the gradient equal the plain path's,
+    and the first completion token is scored (predicted by the prompt's last position, which the groups'
+    sequences share). Scoring token 0 from the completion's own first position (checked by hand) fails it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    start = tmp_path / "start"
+    model = AutoModelForCausalLM.from_pretrained(str(assets["model"]))
+    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                     init_lora_weights=False)).save_pretrained(start)
+    g = torch.Generator().manual_seed(2)
+
+    def ids(n):
+        return torch.randint(5, 90, (n,), generator=g).tolist()
+
+    p1, p2 = ids(7), ids(11)
+    completions = [ids(n) for n in (4, 12, 1, 9, 15, 6)]
+    r = dict(prompt_ids=[p1, p1, p1, p2, p2, p2], completion_ids=completions,
+             advantages=[1.0, -0.5, 0.2, 0.7, -1.1, 0.4], truncated=[False] * 6)
+    mb = policy_batch(**r, pad_id=PAD)
+    engines = {share: rl_engine(assets, tmp_path / str(share), "loss.beta=0.1", init_adapter=str(start),
+                                reference=True) for share in (False, True)}
+    plain, shared = (completion_logprobs(engines[s], mb, 0.7, share_prompts=s) for s in (False, True))
+    assert plain[0, 7] != 0 and plain[3, 11] != 0
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+    ref_plain, ref_shared = (completion_logprobs(engines[s], mb, 0.7, reference=True, share_prompts=s)
+                             for s in (False, True))
+    torch.testing.assert_close(ref_shared, ref_plain, atol=1e-5, rtol=1e-5)
+
+    metrics = {}
+    for share, engine in engines.items():
+        objective = PolicyObjective(beta=0.1, temperature=0.7, share_prompts=share)
+        metrics[share] = objective.step_metrics(engine.step(objective, [policy_batch(**r, pad_id=PAD)]))
+    assert metrics[True]["loss"] == pytest.approx(metrics[False]["loss"], rel=1e-5, abs=1e-7)
+    assert metrics[True]["entropy"] == pytest.approx(metrics[False]["entropy"], rel=1e-5)
+    assert engines[True].grad_norm() == pytest.approx(engines[False].grad_norm(), rel=1e-4)
+    after = {s: completion_logprobs(e, mb, 0.7) for s, e in engines.items()}
+    torch.testing.assert_close(after[True], after[False], atol=1e-5, rtol=1e-5)  # the same update
+    assert (after[False] - plain).abs().max() > 1e-3  # and it moved the policy
