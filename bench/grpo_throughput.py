@@ -325,7 +325,7 @@ def trl_candidates(quick: bool) -> list[dict]:
     per = task()["prompts_per_step"] * task()["group_size"]
     cands = [{"per_device": per, "grad_accum": 1}, {"per_device": per // 4, "grad_accum": 4}]
     if not quick:
-        cands.append({"per_device": per, "grad_accum": 1, "continuous_batching": True})
+        cands += [{"per_device": per // 8, "grad_accum": 8}, {"per_device": per, "grad_accum": 1, "continuous_batching": True}]
     return cands
 
 
@@ -334,7 +334,9 @@ def rayft_candidates(quick: bool) -> list[dict]:
     two_threads = {"train.cpus_per_worker": 2, "roles.rollout.cpus": 0}
     two_rollouts = {"roles.rollout.num": 2, "roles.rollout.cpus": 0.5}
     two_by_two = {"train.num_workers": 2, "train.cpus_per_worker": 1, "roles.rollout.num": 2, "roles.rollout.cpus": 0}
-    return [shipped, two_threads] if quick else [shipped, two_threads, two_rollouts, two_by_two]
+    bigger = {"train.micro_batch_size": 64}  # the learner's micro-batch (the shipped 32; TRL's pilot tries 3 sizes)
+    return [shipped, two_threads] if quick else [shipped, two_threads, two_rollouts, two_by_two,
+                                                 {**two_threads, **bigger}, {**two_by_two, **bigger}]
 
 
 def spread(values: list[float]) -> dict:
