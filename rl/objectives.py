@@ -91,22 +91,44 @@ def can_share_prompts(config) -> bool:
     return not (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))
 
 
-def completion_logit_rows(forward, t: dict[str, torch.Tensor], share_prompts: bool = False) -> torch.Tensor:
+@dataclass(frozen=True)
+class PromptSharing:
+    """How to hand a prompt's KV cache to the learner's model: the forward's keyword for it (transformers
+    renamed ``past_key_values`` to ``cache`` within the 5.x range we support; an unknown keyword would be
+    swallowed by ``**kwargs`` and the completions would run without their prompt) and the config the cache
+    is built for."""
+
+    keyword: str
+    config: object
+
+    @classmethod
+    def of(cls, engine) -> PromptSharing | None:
+        """For the engine's model, or None where the shared-prompt path does not apply."""
+        import inspect
+
+        model = engine.module
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        params = inspect.signature(base.forward).parameters
+        keyword = next((k for k in ("cache", "past_key_values") if k in params), None)
+        return cls(keyword, base.config) if keyword and can_share_prompts(base.config) else None
+
+
+def completion_logit_rows(forward, t: dict[str, torch.Tensor], sharing: PromptSharing | None = None) -> torch.Tensor:
     """``[N, V]``: the logits that predict the micro-batch's ``N`` completion tokens, in the order of
     ``completion_mask[:, 1:]``'s true entries (row by row); ``forward`` is the model's (policy or reference).
 
-    ``share_prompts``: the sequences of a GRPO group share their prompt, which is most of their tokens (the
+    With ``sharing``: the sequences of a GRPO group share their prompt, which is most of their tokens (the
     tiny task: ~85 of ~106). Each distinct prompt then runs once, its keys and values (a KV cache, still in
-    the autograd graph) are repeated for the sequences that share it, and the completions run on top of it.
+    the autograd graph) are gathered for the sequences that share it, and the completions run on top of it.
     Each completion token sees exactly the prompt and its own earlier tokens, as in its own sequence, so the
     log-probabilities and gradients equal the plain path's to float rounding (tests/test_rl_objectives.py);
-    the prompt's share of the forward and backward is paid once per group instead of once per sequence. It
-    takes a model whose forward accepts ``past_key_values`` (transformers' causal LMs) with full attention
-    (:func:`can_share_prompts`); a micro-batch with an empty completion (the filler) or without a repeated
-    prompt runs the plain path."""
+    the prompt's share of the forward and backward is paid once per group instead of once per sequence. A
+    micro-batch with an empty completion (the filler) or without a repeated prompt runs the plain path."""
+    from transformers import DynamicCache
+
     ids, cm = t["input_ids"], t["completion_mask"]
     n_completion = cm.sum(1)
-    if not share_prompts or bool((n_completion == 0).any()):
+    if sharing is None or bool((n_completion == 0).any()):
         return forward(**_model_inputs(t)).logits[:, :-1][cm[:, 1:].bool()]
     starts = cm.argmax(1).tolist()  # the first completion token: the prompt's length
     groups: dict[tuple, int] = {}
@@ -121,10 +143,10 @@ def completion_logit_rows(forward, t: dict[str, torch.Tensor], share_prompts: bo
     for prompt, g in groups.items():
         prompt_ids[g, width - len(prompt):] = torch.tensor(prompt, dtype=ids.dtype, device=device)
         prompt_mask[g, width - len(prompt):] = 1
+    cache = DynamicCache(config=sharing.config)
     out = forward(input_ids=prompt_ids, attention_mask=prompt_mask,
-                  position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0), use_cache=True)
+                  position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0), use_cache=True, **{sharing.keyword: cache})
     index = torch.tensor(group, device=device)
-    cache = out.past_key_values
     cache.batch_select_indices(index)  # each sequence's copy of its prompt's keys and values (a gather)
     # the completions, right-padded, after their prompt
     c_width = int(n_completion.max())
@@ -135,7 +157,7 @@ def completion_logit_rows(forward, t: dict[str, torch.Tensor], share_prompts: bo
                            torch.zeros((), dtype=ids.dtype, device=device))
     mask = torch.cat([prompt_mask[index], real.to(prompt_mask.dtype)], dim=1)
     comp = forward(input_ids=comp_ids, attention_mask=mask, position_ids=starts_t[:, None] + slots[None, :],
-                   past_key_values=cache, use_cache=True).logits
+                   use_cache=True, **{sharing.keyword: cache}).logits
     # completion token 0 is predicted by its prompt's last position, token s by the completion's position s-1
     pred = torch.cat([out.logits[:, -1][index][:, None], comp[:, :-1]], dim=1)
     return pred[real]
@@ -150,13 +172,13 @@ def completion_logprobs(engine, mb: MicroBatch, temperature: float = 1.0, *, ref
     t = mb.to(engine.device)
     was_training = engine.ds.training
     engine.ds.eval()
-    share_prompts = share_prompts and can_share_prompts(engine.module.config)
+    sharing = PromptSharing.of(engine) if share_prompts else None
     try:
         if reference:
             with engine.reference() as forward:
-                rows = completion_logit_rows(forward, t, share_prompts)
+                rows = completion_logit_rows(forward, t, sharing)
         else:
-            rows = completion_logit_rows(engine.forward, t, share_prompts)
+            rows = completion_logit_rows(engine.forward, t, sharing)
     finally:
         engine.ds.train(was_training)
     return L.logprobs_of_rows(rows, t["input_ids"], t["completion_mask"], temperature)[0].cpu()
@@ -230,7 +252,7 @@ class PolicyObjective:
         ref = t.get("ref_logprobs")
         if self.beta > 0 and ref is None:
             ref = completion_logprobs(engine, mb, self.temperature, reference=True).to(engine.device)
-        rows = completion_logit_rows(engine.forward, t, self.share_prompts and can_share_prompts(engine.module.config))
+        rows = completion_logit_rows(engine.forward, t, PromptSharing.of(engine) if self.share_prompts else None)
         lp, entropy = L.logprobs_of_rows(rows, t["input_ids"], t["completion_mask"], self.temperature,
                                          with_entropy=True)
         old = t["old_logprobs"] if "old_logprobs" in t else lp.detach()
