@@ -97,8 +97,10 @@ def test_resubmitted_dpo_resumes_from_its_checkpoint(dpo_run, assets, tiny_sft, 
     from rayft.dpo import run_preference
 
     _, ref = dpo_run
+    # held out: the 96 pairs of the assets, not the 400 the fixture's accuracy needs (evaluation does not move
+    # the training trajectory, which is what this test compares)
     cfg = dpo_config(assets, tiny_sft, tmp_path, "resubmit", ["train.max_failures=0", "dpo.precompute_ref_logps=true",
-                                                              "train.eval_steps=60"])
+                                                              "train.eval_steps=60", f"data.eval={assets['pref_eval']}"])
     th, box = _run_in_thread(lambda: run_preference(cfg))
     _kill_a_worker_when(tmp_path / "runs" / "resubmit", min_step=25)
     th.join(timeout=600)
@@ -110,4 +112,4 @@ def test_resubmitted_dpo_resumes_from_its_checkpoint(dpo_run, assets, tiny_sft, 
     assert sorted(losses) == sorted(want) == list(range(5, 61, 5))
     for step in want:  # precomputed (eval mode, other padding) vs per-step reference: equal to float noise
         assert losses[step] == pytest.approx(want[step], rel=1e-3, abs=1e-5), step
-    assert result.metrics["eval_accuracy"] == pytest.approx(ref.metrics["eval_accuracy"], abs=0.02)
+    assert sorted(evals(result.run_dir)) == [0, 60]  # the first attempt's start and the resumed run's end
