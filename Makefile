@@ -36,7 +36,7 @@ demo: assets
 	$(BIN)/python jobs/pipeline.py --config configs/pipeline_tiny.yaml $(DEMO_FLAGS)
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 test-multinode: install
 	RAYFT_MULTINODE=1 $(BIN)/python -m pytest -q tests/test_multinode_ray.py
