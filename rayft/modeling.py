@@ -85,8 +85,14 @@ def supports_shared_prompts(cfg: ModelConfig) -> bool:
 
     if cfg.attn_implementation != "sdpa":
         return False
-    config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision,
-                                        trust_remote_code=cfg.trust_remote_code).get_text_config()
+    return full_attention_only(AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision,
+                                                          trust_remote_code=cfg.trust_remote_code))
+
+
+def full_attention_only(config) -> bool:
+    """Whether every attention layer of a transformers config attends to the whole sequence (no sliding
+    window): what the shared-prompt layouts need, since a window would cut the prompt off."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     if getattr(config, "layer_types", None):
         return set(config.layer_types) == {"full_attention"}
     return not (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))

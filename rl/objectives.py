@@ -82,15 +82,6 @@ def _model_inputs(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]}
 
 
-def can_share_prompts(config) -> bool:
-    """Whether a model runs :func:`completion_logit_rows`' shared-prompt path: every layer full attention (a
-    sliding-window cache keeps only its window, so the prompt's keys could fall out of it)."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(config, "layer_types", None):
-        return set(config.layer_types) == {"full_attention"}
-    return not (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))
-
-
 @dataclass(frozen=True)
 class PromptSharing:
     """How to hand a prompt's KV cache to the learner's model: the forward's keyword for it (transformers
@@ -103,14 +94,17 @@ class PromptSharing:
 
     @classmethod
     def of(cls, engine) -> PromptSharing | None:
-        """For the engine's model, or None where the shared-prompt path does not apply."""
+        """For the engine's model, or None where the shared-prompt path does not apply (no cache keyword, or
+        sliding-window layers: their cache keeps only the window, so the prompt's keys could fall out)."""
         import inspect
+
+        from rayft.modeling import full_attention_only
 
         model = engine.module
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         params = inspect.signature(base.forward).parameters
         keyword = next((k for k in ("cache", "past_key_values") if k in params), None)
-        return cls(keyword, base.config) if keyword and can_share_prompts(base.config) else None
+        return cls(keyword, base.config) if keyword and full_attention_only(base.config) else None
 
 
 def completion_logit_rows(forward, t: dict[str, torch.Tensor], sharing: PromptSharing | None = None) -> torch.Tensor:
@@ -251,7 +245,8 @@ class PolicyObjective:
         mask = loss_mask(t, self.mask_truncated)
         ref = t.get("ref_logprobs")
         if self.beta > 0 and ref is None:
-            ref = completion_logprobs(engine, mb, self.temperature, reference=True).to(engine.device)
+            ref = completion_logprobs(engine, mb, self.temperature, reference=True,
+                                      share_prompts=self.share_prompts).to(engine.device)
         rows = completion_logit_rows(engine.forward, t, PromptSharing.of(engine) if self.share_prompts else None)
         lp, entropy = L.logprobs_of_rows(rows, t["input_ids"], t["completion_mask"], self.temperature,
                                          with_entropy=True)
