@@ -352,11 +352,11 @@ class RLRun:
         """``update.epochs`` passes over ``update.mini_batches`` engine steps (and the critic's, for PPO). The
         learner's log-probabilities before the first update (several updates) and the reference's (``beta >
         0``) are computed once per rollout batch."""
-        from rayft.rl.objectives import PolicyObjective, ValueObjective, shares_prompts
+        from rayft.rl.objectives import PolicyObjective, ValueObjective
 
         cfg, pad = self.cfg, self.tokenizer.pad_token_id
         objective = PolicyObjective.from_config(cfg)
-        share = shares_prompts(cfg)
+        share = objective.share_prompts
         minis = [m for m in split_even(seqs, cfg.update.mini_batches) if m]
         batches = [[[to_micro_batch(c, m[0], pad) for c in rank]
                     for rank in rank_micro_batches(m, cfg.train.num_workers, cfg.train.micro_batch_size)]

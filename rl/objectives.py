@@ -84,10 +84,9 @@ def _model_inputs(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @dataclass(frozen=True)
 class PromptSharing:
-    """How to hand a prompt's KV cache to the learner's model: the forward's keyword for it (transformers
-    renamed ``past_key_values`` to ``cache`` within the 5.x range we support; an unknown keyword would be
-    swallowed by ``**kwargs`` and the completions would run without their prompt) and the config the cache
-    is built for."""
+    """How to hand a prompt's KV cache to the learner's model: the forward's keyword for it
+    (:func:`rayft.rl.rollout.cache_keyword`; a wrong one would be swallowed by ``**kwargs`` and the completions
+    would run without their prompt) and the config the cache is built for."""
 
     keyword: str
     config: object
@@ -96,15 +95,11 @@ class PromptSharing:
     def of(cls, engine) -> PromptSharing | None:
         """For the engine's model, or None where the shared-prompt path does not apply (no cache keyword, or
         sliding-window layers: their cache keeps only the window, so the prompt's keys could fall out)."""
-        import inspect
-
         from rayft.modeling import full_attention_only
+        from rayft.rl.rollout import cache_keyword
 
-        model = engine.module
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        params = inspect.signature(base.forward).parameters
-        keyword = next((k for k in ("cache", "past_key_values") if k in params), None)
-        return cls(keyword, base.config) if keyword and full_attention_only(base.config) else None
+        keyword, config = cache_keyword(engine.module), engine.module.config
+        return cls(keyword, config) if keyword and full_attention_only(config) else None
 
 
 def completion_logit_rows(forward, t: dict[str, torch.Tensor], sharing: PromptSharing | None = None) -> torch.Tensor:
@@ -120,26 +115,22 @@ def completion_logit_rows(forward, t: dict[str, torch.Tensor], sharing: PromptSh
     micro-batch with an empty completion (the filler) or without a repeated prompt runs the plain path."""
     from transformers import DynamicCache
 
+    from rayft.rl.rollout import left_pad
+
     ids, cm = t["input_ids"], t["completion_mask"]
     n_completion = cm.sum(1)
-    if sharing is None or bool((n_completion == 0).any()):
-        return forward(**_model_inputs(t)).logits[:, :-1][cm[:, 1:].bool()]
     starts = cm.argmax(1).tolist()  # the first completion token: the prompt's length
     groups: dict[tuple, int] = {}
-    group = [groups.setdefault(tuple(row[:p]), len(groups)) for row, p in zip(ids.tolist(), starts, strict=True)]
-    if len(groups) == len(group):
+    if sharing is not None and bool((n_completion > 0).all()):
+        group = [groups.setdefault(tuple(row[:p]), len(groups)) for row, p in zip(ids.tolist(), starts, strict=True)]
+    if len(groups) in (0, len(ids)):  # not sharing, the filler, or no prompt repeated: the plain path
         return forward(**_model_inputs(t)).logits[:, :-1][cm[:, 1:].bool()]
-    device, pad = ids.device, 0  # padding: any id, never attended
-    # the distinct prompts, left-padded so that each one's last token is the last position
-    width = max(starts)
-    prompt_ids = torch.full((len(groups), width), pad, dtype=ids.dtype, device=device)
-    prompt_mask = torch.zeros((len(groups), width), dtype=t["attention_mask"].dtype, device=device)
-    for prompt, g in groups.items():
-        prompt_ids[g, width - len(prompt):] = torch.tensor(prompt, dtype=ids.dtype, device=device)
-        prompt_mask[g, width - len(prompt):] = 1
+    device = ids.device
+    # the distinct prompts (in group order), left-padded so that each one's last token is the last position
+    prompt_ids, prompt_mask, prompt_pos = (x.to(device) for x in left_pad(list(groups), pad_id=0))
     cache = DynamicCache(config=sharing.config)
-    out = forward(input_ids=prompt_ids, attention_mask=prompt_mask,
-                  position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0), use_cache=True, **{sharing.keyword: cache})
+    out = forward(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True,
+                  **{sharing.keyword: cache})
     index = torch.tensor(group, device=device)
     cache.batch_select_indices(index)  # each sequence's copy of its prompt's keys and values (a gather)
     # the completions, right-padded, after their prompt

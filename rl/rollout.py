@@ -140,10 +140,7 @@ class TransformersEngine:
         self.pad_id = self.tokenizer.pad_token_id
         self.max_batch_rows = max_batch_rows
         self.version = 0
-        # transformers renamed the forward's ``past_key_values`` to ``cache`` within the 5.x range we support
-        # (vLLM pins an older 5.x); the old name warns from then on.
-        forward = self.model.get_base_model().forward if self.lora else self.model.forward
-        self._cache_kw = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+        self._cache_kw = cache_keyword(self.model) or "past_key_values"
 
     # ------------------------------------------------------------------------------------------ weights
 
@@ -407,6 +404,15 @@ class RowLora:
                 m._disable_adapters = flag
 RowDone = Callable[[int, list[int]], "str | None"]
 OnToken = Callable[[int, int, float], None]
+
+
+def cache_keyword(model) -> str | None:
+    """The keyword a (PEFT-wrapped) transformers model's forward takes its KV cache under: transformers renamed
+    ``past_key_values`` to ``cache`` within the 5.x range we support (vLLM pins an older 5.x), and the old name
+    warns from then on; None for a forward that takes neither (``**kwargs`` would swallow the cache)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    return next((k for k in ("cache", "past_key_values") if k in params), None)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
