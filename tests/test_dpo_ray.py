@@ -1,12 +1,15 @@
-"""DPO on local Ray with the tiny model, from the session's tiny SFT adapter (its frozen copy is the reference):
-under ZeRO-3 it raises held-out preference accuracy and keeps held-out answer accuracy; a failed run
-resubmitted resumes from its checkpoint (with the reference log-probs precomputed) on the same trajectory."""
+"""DPO on local Ray with the tiny model, from the session's tiny SFT adapter (its frozen copy is the reference),
+under ZeRO-3 with the reference log-probs precomputed: one run, failed by a killed worker and resubmitted, resumes
+from its checkpoint on the same trajectory (the steps redone after the checkpoint give the failed attempt's
+losses, the reference table recomputed), then raises held-out preference accuracy and keeps held-out answer
+accuracy."""
 
 from __future__ import annotations
 
 import json
 import math
 import re
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -30,22 +33,54 @@ def dpo_config(assets, tiny_sft, tmp, name, overrides=()):
         *overrides])
 
 
+@dataclass
+class DPORun:
+    result: object  # the resubmitted run's SFTResult
+    failed_losses: dict[int, float]  # the failed attempt's logged losses, read before the resubmission
+
+
+def losses_of(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
 @pytest.fixture(scope="module")
-def dpo_run(assets, tiny_sft, ray_local, tmp_path_factory):
+def dpo_run(assets, tiny_sft, ray_local, tmp_path_factory) -> DPORun:
+    """The kill fails the run (no retries) after its step-20 checkpoint; the same command resumes it, scoring
+    the reference table again before its first update. Evaluated at steps 0 and 60 only (400 held-out pairs
+    under ZeRO-3). One run where there were two (a run to measure and a run to kill): about 3 minutes less."""
     from rayft.dpo import run_preference
 
     tmp = tmp_path_factory.mktemp("dpo")
-    # evaluated at steps 0 and 60 only (each eval is 400 pairs under ZeRO-3); no checkpoint needed
-    cfg = dpo_config(assets, tiny_sft, tmp, "dpo", ["train.eval_steps=60", "train.save_steps=60"])
-    return cfg, run_preference(cfg)
+    cfg = dpo_config(assets, tiny_sft, tmp, "dpo", ["train.max_failures=0", "dpo.precompute_ref_logps=true",
+                                                    "train.eval_steps=60"])
+    th, box = _run_in_thread(lambda: run_preference(cfg))
+    _kill_a_worker_when(tmp / "runs" / "dpo", min_step=25)
+    th.join(timeout=600)
+    assert "error" in box, "the run should have failed without retries"
+    failed = losses_of(tmp / "runs" / "dpo")
+    return DPORun(run_preference(cfg), failed)
 
 
 def evals(run_dir) -> dict[int, dict]:
     return {r["step"]: r for r in read_metrics(run_dir) if "eval_loss" in r}
 
 
+def test_resubmitted_dpo_resumes_from_its_checkpoint(dpo_run):
+    """Resumed at step 20, not 0; the steps after it that the failed attempt logged give the same losses again
+    (a wrong reference table, optimizer state or data order would not); every logging step once."""
+    run_dir = dpo_run.result.run_dir
+    assert _attempt_starts(run_dir) == [0, 20], "the resubmitted run must start from its step-20 checkpoint"
+    redone = sorted(s for s in dpo_run.failed_losses if s > 20)
+    assert redone, f"the failed attempt logged no step after its checkpoint: {sorted(dpo_run.failed_losses)}"
+    losses = losses_of(run_dir)
+    assert sorted(losses) == list(range(5, 61, 5))
+    for step in dpo_run.failed_losses:
+        assert losses[step] == pytest.approx(dpo_run.failed_losses[step], rel=1e-4, abs=1e-6), step
+    assert sorted(evals(run_dir)) == [0, 60]  # the first attempt's start and the resumed run's end
+
+
 def test_dpo_raises_held_out_preference_accuracy(dpo_run):
-    cfg, result = dpo_run
+    result = dpo_run.result
     ev = evals(result.run_dir)
     start, end = ev[0], ev[60]
     # the policy starts as its reference (the SFT adapter's frozen copy): every implicit reward is 0, so no
@@ -83,33 +118,9 @@ def answer_accuracy(adapter_dir, rows) -> float:
 
 
 def test_dpo_keeps_held_out_answer_accuracy(dpo_run, tiny_sft, assets):
-    _, result = dpo_run
+    result = dpo_run.result
     rows = [json.loads(line) for line in assets["eval"].read_text().splitlines()]
     sft, dpo = answer_accuracy(tiny_sft.adapter_dir, rows), answer_accuracy(result.adapter_dir, rows)
     se = math.sqrt((sft * (1 - sft) + dpo * (1 - dpo)) / len(rows))
     print(f"held-out answer accuracy (greedy, {len(rows)} problems): SFT {sft:.3f}, DPO {dpo:.3f} (2 SE {2 * se:.3f})")
     assert dpo >= sft - 2 * se
-
-
-def test_resubmitted_dpo_resumes_from_its_checkpoint(dpo_run, assets, tiny_sft, tmp_path):
-    """The kill fails the run (no retries); the same command resumes from step 20, not 0, and follows the
-    uninterrupted run's trajectory, here with reference log-probs precomputed (recomputed after the restart)."""
-    from rayft.dpo import run_preference
-
-    _, ref = dpo_run
-    # held out: the 96 pairs of the assets, not the 400 the fixture's accuracy needs (evaluation does not move
-    # the training trajectory, which is what this test compares)
-    cfg = dpo_config(assets, tiny_sft, tmp_path, "resubmit", ["train.max_failures=0", "dpo.precompute_ref_logps=true",
-                                                              "train.eval_steps=60", f"data.eval={assets['pref_eval']}"])
-    th, box = _run_in_thread(lambda: run_preference(cfg))
-    _kill_a_worker_when(tmp_path / "runs" / "resubmit", min_step=25)
-    th.join(timeout=600)
-    assert "error" in box, "the run should have failed without retries"
-    result = run_preference(cfg)
-    assert _attempt_starts(result.run_dir) == [0, 20], "the resubmitted run must start from its step-20 checkpoint"
-    losses = {r["step"]: r["loss"] for r in read_metrics(result.run_dir) if "loss" in r}
-    want = {r["step"]: r["loss"] for r in read_metrics(ref.run_dir) if "loss" in r}
-    assert sorted(losses) == sorted(want) == list(range(5, 61, 5))
-    for step in want:  # precomputed (eval mode, other padding) vs per-step reference: equal to float noise
-        assert losses[step] == pytest.approx(want[step], rel=1e-3, abs=1e-5), step
-    assert sorted(evals(result.run_dir)) == [0, 60]  # the first attempt's start and the resumed run's end

@@ -38,8 +38,8 @@ def test_reward_model_separates_near_miss_pairs(rm_run):
     print(f"reward model held-out pairwise accuracy: {ev[0]['eval_accuracy']:.3f} at step 0 -> "
           f"{ev[150]['eval_accuracy']:.3f} at step 150 (eval loss {ev[0]['eval_loss']:.4f} -> {ev[150]['eval_loss']:.4f})")
     # well above chance: more than 3 standard errors of a coin (0.025 on the 400 held-out pairs) above 50%. The near-miss
-    # pairs need the sum itself (same length and format on both sides); runs of this test have ended
-    # at 0.60-0.70 from the 60-step SFT model, which answers about 1 in 8 problems.
+    # pairs need the sum itself (same length and format on both sides). From the 60-step SFT model (which answers
+    # about 1 in 10 problems) at the config's lr 1e-3, train.seed 0, 1 and 2 ended at 0.6425, 0.655 and 0.62.
     assert ev[150]["eval_accuracy"] > 0.5 + 3 * (0.25 / PREF_HELD_OUT) ** 0.5
     assert ev[150]["eval_loss"] < ev[0]["eval_loss"]
 
