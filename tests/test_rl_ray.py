@@ -51,10 +51,15 @@ def test_resume_matches_an_uninterrupted_run_and_a_killed_rollout_actor_is_repla
     """4 steps in one run == 2 steps, a crash, a resume from the step-2 checkpoint and 2 more steps: the same
     rewards every step and the same final adapter. The resumed run starts at step 2 (attempts.jsonl), so a
     restart from step 0 fails the test. In the uninterrupted run a rollout actor is killed after step 1: it is
-    replaced, brought to the current policy, and the run's samples do not change."""
+    replaced, brought to the current policy, and the run's samples do not change.
+
+    The crash is a stale policy: after step 2 a rollout actor is made to claim the version before the current one
+    (as when a weight sync silently never arrived), so it stamps its next batch with that version and the
+    controller stops instead of training on it."""
     import ray
 
     from rayft.rl.controller import run_rl
+    from rayft.rl.records import StalePolicyError
 
     def kill_rollout(run, step):
         if step == 1:
@@ -62,16 +67,13 @@ def test_resume_matches_an_uninterrupted_run_and_a_killed_rollout_actor_is_repla
 
     whole = run_rl(rl_config(assets, tmp_path, tiny_sft, "whole", SHORT), on_step=kill_rollout)
 
-    class Crash(RuntimeError):
-        pass
-
-    def crash(run, step):
-        if step == 2:
-            raise Crash
+    def lose_sync(run, step):
+        if step == 2:  # the current weights re-applied as version 1: the engine now claims version 1
+            ray.get(run.roles.rollout.actors[0].update_weights.remote(run.roles.weights_ref, 1))
 
     cfg = rl_config(assets, tmp_path, tiny_sft, "halves", SHORT)
-    with pytest.raises(Crash):
-        run_rl(cfg, on_step=crash)
+    with pytest.raises(StalePolicyError, match="policy version 1, expected 2"):
+        run_rl(cfg, on_step=lose_sync)
     halves = run_rl(cfg)
 
     attempts = [json.loads(line) for line in (halves.run_dir / "attempts.jsonl").read_text().splitlines()]
@@ -86,23 +88,6 @@ def test_resume_matches_an_uninterrupted_run_and_a_killed_rollout_actor_is_repla
     assert ta.keys() == tb.keys()
     assert max((ta[k] - tb[k]).abs().max().item() for k in ta) < 1e-5
     assert max((ta[k] - start[k]).abs().max().item() for k in ta) > 1e-3  # and training did move the adapter
-
-
-def test_a_rollout_batch_from_a_stale_policy_is_refused(assets, ray_local, tmp_path, tiny_sft):
-    """A rollout actor that silently kept older weights (a sync that never arrived) stamps its batch with its
-    old version; the controller stops instead of training on it."""
-    import ray
-
-    from rayft.rl.controller import run_rl
-    from rayft.rl.records import StalePolicyError
-
-    def lose_sync(run, step):
-        if step == 1:  # the weights of version 1 are re-applied as version 0: the engine now claims version 0
-            ray.get(run.roles.rollout.actors[0].update_weights.remote(run.roles.weights_ref, 0))
-
-    cfg = rl_config(assets, tmp_path, tiny_sft, "stale", [*SHORT, "train.max_steps=3"])
-    with pytest.raises(StalePolicyError, match="policy version 0, expected 1"):
-        run_rl(cfg, on_step=lose_sync)
 
 
 def test_roles_that_do_not_fit_the_local_ray_are_refused_naming_the_fields(assets, ray_local, tmp_path, tiny_sft):
