@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from conftest import PREF_HELD_OUT, ROOT
-from test_sft_ray import _attempt_starts, _kill_a_worker_when, _run_in_thread
+from test_sft_ray import _attempt_starts, _kill_a_worker_when, _run_in_thread, train_losses
 
 from rayft.runs import read_metrics
 
@@ -39,10 +39,6 @@ class DPORun:
     failed_losses: dict[int, float]  # the failed attempt's logged losses, read before the resubmission
 
 
-def losses_of(run_dir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
-
-
 @pytest.fixture(scope="module")
 def dpo_run(assets, tiny_sft, ray_local, tmp_path_factory) -> DPORun:
     """The kill fails the run (no retries) after its step-20 checkpoint; the same command resumes it, scoring
@@ -57,7 +53,7 @@ def dpo_run(assets, tiny_sft, ray_local, tmp_path_factory) -> DPORun:
     _kill_a_worker_when(tmp / "runs" / "dpo", min_step=25)
     th.join(timeout=600)
     assert "error" in box, "the run should have failed without retries"
-    failed = losses_of(tmp / "runs" / "dpo")
+    failed = train_losses(tmp / "runs" / "dpo")
     return DPORun(run_preference(cfg), failed)
 
 
@@ -72,7 +68,7 @@ def test_resubmitted_dpo_resumes_from_its_checkpoint(dpo_run):
     assert _attempt_starts(run_dir) == [0, 20], "the resubmitted run must start from its step-20 checkpoint"
     redone = sorted(s for s in dpo_run.failed_losses if s > 20)
     assert redone, f"the failed attempt logged no step after its checkpoint: {sorted(dpo_run.failed_losses)}"
-    losses = losses_of(run_dir)
+    losses = train_losses(run_dir)
     assert sorted(losses) == list(range(5, 61, 5))
     for step in dpo_run.failed_losses:
         assert losses[step] == pytest.approx(dpo_run.failed_losses[step], rel=1e-4, abs=1e-6), step
