@@ -43,6 +43,7 @@ RAY = str(Path(sys.executable).parent / "ray")
 PORTS = ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
          "runtime-env-agent-port", "metrics-export-port", "node-manager-port", "object-manager-port",
          "ray-client-server-port")
+ENDED = ("SUCCEEDED", "STOPPED", "FAILED")  # a job's final states, as the Jobs API names them
 STEPS = 60  # room to stop the job between its first checkpoint (step 10) and its end
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 DRIVER = shutil.which("chromedriver")
@@ -139,12 +140,16 @@ class Head:
         with urllib.request.urlopen(request, timeout=30) as r:
             return json.loads(r.read() or b"{}")
 
+    def state(self, job: str) -> str:
+        """The job's status from the Jobs API (PENDING, RUNNING or one of ``ENDED``)."""
+        return self.api("GET", f"/api/jobs/{job}")["status"]
+
     def stop(self, job: str, timeout: float = 60) -> str:
         """Stop a job at once (POST /api/jobs/<id>/stop, what `ray job stop` sends) and wait until it has ended;
         its final status."""
         self.api("POST", f"/api/jobs/{job}/stop")
         deadline = time.time() + timeout
-        while (status := self.api("GET", f"/api/jobs/{job}")["status"]) not in ("STOPPED", "SUCCEEDED", "FAILED"):
+        while (status := self.state(job)) not in ENDED:
             assert time.time() < deadline, f"job {job} still {status} {timeout:.0f} s after it was stopped"
             time.sleep(0.2)
         return status
@@ -241,7 +246,7 @@ def _wait_for_checkpoint(run_dir: Path, min_step: int, job: str, h: Head, timeou
         if any(run_dir.glob("checkpoint_*")) and any(r["step"] >= min_step for r in read_metrics(run_dir)):
             return
         if time.time() > next_status:  # a job that failed early: say so now, not at the deadline
-            if h.api("GET", f"/api/jobs/{job}")["status"] in ("SUCCEEDED", "STOPPED", "FAILED"):
+            if h.state(job) in ENDED:
                 break
             next_status = time.time() + 5
         time.sleep(0.1)
