@@ -163,7 +163,8 @@ class TransformersEngine:
     def generate(self, prompt_ids: list[list[int]], sampling: Sampling, seeds: list[list[int]], *,
                  adapters: list[str] | None = None, row_done: RowDone | None = None,
                  on_token: OnToken | None = None, top_logprobs: int = 0, min_tokens: list[int] | None = None,
-                 ignore_eos: list[bool] | None = None) -> list[list[Completion]]:
+                 ignore_eos: list[bool] | None = None, admit: Admit | None = None,
+                 on_finish: OnFinish | None = None) -> list[list[Completion]]:
         """``n`` completions per prompt, decoded in chunks of whole prompts of at most ``max_batch_rows`` rows
         (chunking does not change a row's result: its draws come from its own seed).
 
@@ -174,7 +175,12 @@ class TransformersEngine:
         ``top_logprobs`` > 0 records that many most likely tokens per step; ``min_tokens[row]``: the stop tokens
         cannot be chosen before the row has that many tokens (their logits are masked, as vLLM's ``min_tokens``
         does); ``ignore_eos[row]``: a stop token does not end the row. ``row`` counts completions over the
-        whole call (prompt ``i``'s sample ``j`` is row ``i * n + j``)."""
+        whole call (prompt ``i``'s sample ``j`` is row ``i * n + j``).
+
+        Continuous batching (``n`` = 1, one chunk): between two decode steps ``admit(free)`` may return up to
+        ``free`` new rows (:class:`NewRow`), which are prefilled and join the running batch (rows numbered on
+        from the last); ``on_finish(row, completion)`` sees each row as it ends. The returned list then holds
+        the admitted rows too."""
         check_seeds(prompt_ids, sampling, seeds)
         if adapters is not None and len(adapters) != len(prompt_ids):
             raise ValueError(f"{len(adapters)} adapter names for {len(prompt_ids)} prompts")
@@ -182,6 +188,8 @@ class TransformersEngine:
             if per_row is not None and len(per_row) != len(prompt_ids) * sampling.n:
                 raise ValueError(f"{len(per_row)} {name} values for {len(prompt_ids) * sampling.n} rows")
         per_chunk = max(1, self.max_batch_rows // sampling.n)
+        if admit is not None and (sampling.n != 1 or len(prompt_ids) > per_chunk):
+            raise ValueError("admitting rows into a running decode needs n = 1 and at most max_batch_rows prompts")
         groups: list[list[Completion]] = []
         for start in range(0, len(prompt_ids), per_chunk):
             end, first = start + per_chunk, start * sampling.n
@@ -192,63 +200,69 @@ class TransformersEngine:
                 on_token=(lambda r, t, lp, f=first: on_token(r + f, t, lp)) if on_token else None,
                 top_logprobs=top_logprobs,
                 min_tokens=min_tokens[first:end * sampling.n] if min_tokens is not None else None,
-                ignore_eos=ignore_eos[first:end * sampling.n] if ignore_eos is not None else None)
+                ignore_eos=ignore_eos[first:end * sampling.n] if ignore_eos is not None else None,
+                admit=admit, on_finish=(lambda r, c, f=first: on_finish(r + f, c)) if on_finish else None)
             groups += [flat[i:i + sampling.n] for i in range(0, len(flat), sampling.n)]
         return groups
 
     def _decode(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling, *,
                 adapters: list[str] | None = None, row_done: RowDone | None = None,
                 on_token: OnToken | None = None, top_logprobs: int = 0, min_tokens: list[int] | None = None,
-                ignore_eos: list[bool] | None = None) -> list[Completion]:
+                ignore_eos: list[bool] | None = None, admit: Admit | None = None,
+                on_finish: OnFinish | None = None) -> list[Completion]:
         """One batched decode of ``n`` rows per prompt: a left-padded prefill of each prompt once, its KV cache
-        repeated for the prompt's ``n`` rows, then one cached forward per token for the unfinished rows."""
+        repeated for the prompt's ``n`` rows, then one cached forward per token for the unfinished rows (and,
+        with ``admit``, a prefill of each admitted group of rows, merged into the batch's cache)."""
         import torch
-        from transformers import DynamicCache
 
         n, dev = sampling.n, self.device
-        input_ids, mask, positions = left_pad(prompts, self.pad_id)
         rows = len(prompts) * n
-        # PEFT's mixed-adapter batch: one adapter name per batch row, kept in step with the live rows
+        # one adapter name per completion row, kept in step with the live rows
         row_adapters = [a for a in adapters for _ in range(n)] if adapters is not None else None
         # rows' adapters: our batched per-row LoRA where it applies, else PEFT's own ``adapter_names``
         row_lora = RowLora.for_batch(self.model, adapters) if adapters is not None else None
 
-        def lora_rows(names: list[str]) -> dict[str, Any]:
+        def lora_rows(names: list[str] | None) -> dict[str, Any]:
+            if names is None:
+                return {}
             if row_lora is not None:
                 row_lora.set_rows(names)
                 return {}
             return {"adapter_names": names}
 
-        per_prompt = lora_rows(list(adapters)) if adapters is not None else {}
         tops: list[list[dict[int, float]]] = [[] for _ in range(rows)]
         reasons: list[str | None] = [None] * rows
         gens = [torch.Generator().manual_seed(s) for s in seeds] if sampling.temperature > 0 else None
         tokens: list[list[int]] = [[] for _ in range(rows)]
         logprobs: list[list[float]] = [[] for _ in range(rows)]
         stopped = [False] * rows
-        live = list(range(rows))  # batch row -> completion row
         stop = torch.tensor(sorted(self.stop_ids))
-        if min_tokens is not None and not any(min_tokens):
-            min_tokens = None
-        if ignore_eos is not None and not any(ignore_eos):
-            ignore_eos = None
-        cache = DynamicCache(config=self.model.config)
+        min_tokens = list(min_tokens) if min_tokens is not None else [0] * rows
+        ignore_eos = list(ignore_eos) if ignore_eos is not None else [False] * rows
+
+        def completion(r: int) -> Completion:
+            return Completion(token_ids=tokens[r], logprobs=logprobs[r],
+                              text=self.tokenizer.decode(tokens[r], skip_special_tokens=True),
+                              finish_reason=reasons[r] or ("stop" if stopped[r] else "length"),
+                              top_logprobs=tops[r] if top_logprobs else None)
+
         with torch.inference_mode(), (row_lora.active() if row_lora is not None else contextlib.nullcontext()):
-            logits = self.model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
-                                use_cache=True, logits_to_keep=1, **per_prompt, **{self._cache_kw: cache}).logits[:, -1]
+            logits, cache, mask, last_pos = self._prefill(prompts, lora_rows(list(adapters) if adapters else None))
             if n > 1:
                 cache.batch_repeat_interleave(n)
                 logits = logits.repeat_interleave(n, 0)
-            mask = mask.to(dev).repeat_interleave(n, 0)
-            last_pos = positions[:, -1].to(dev).repeat_interleave(n, 0)
-            for t in range(sampling.max_tokens):
-                if min_tokens is not None and (hold := [b for b, r in enumerate(live) if t < min_tokens[r]]):
+                mask, last_pos = mask.repeat_interleave(n, 0), last_pos.repeat_interleave(n, 0)
+            live = list(range(rows))  # batch row -> completion row
+            if admit is not None and not mergeable(cache):
+                admit = None  # a cache we cannot merge (sliding window, ...): no admission, the batch decodes to its end
+            while True:
+                if any(min_tokens) and (hold := [b for b, r in enumerate(live) if len(tokens[r]) < min_tokens[r]]):
                     logits = logits.clone()
                     logits[torch.tensor(hold, device=dev)[:, None], stop.to(dev)[None, :]] = float("-inf")
                 next_ids, next_lp = pick_tokens(logits.float(), sampling, [gens[r] for r in live] if gens else None)
                 ids_cpu, lp_cpu = next_ids.cpu(), next_lp.cpu()
                 done = torch.isin(ids_cpu, stop)
-                if ignore_eos is not None:
+                if any(ignore_eos):
                     done &= torch.tensor([not ignore_eos[r] for r in live])
                 if top_logprobs:
                     top_lp, top_ids = chosen_distribution(logits.float(), sampling).topk(top_logprobs, -1)
@@ -263,23 +277,62 @@ class TransformersEngine:
                         on_token(r, tokens[r][-1], logprobs[r][-1])
                     if row_done is not None and not done[b] and (reason := row_done(r, tokens[r])):
                         reasons[r], done[b] = reason, True
-                if done.all() or t == sampling.max_tokens - 1:
+                    if len(tokens[r]) >= sampling.max_tokens:
+                        done[b] = True
+                    if done[b] and on_finish is not None:
+                        on_finish(r, completion(r))
+                new = admit(self.max_batch_rows - int((~done).sum())) if admit is not None else []
+                if done.all() and not new:
                     break
-                if done.any():  # finished rows leave the batch and its cache
-                    keep = (~done).nonzero().squeeze(1)
-                    live = [live[k] for k in keep.tolist()]
-                    keep = keep.to(dev)
-                    cache.batch_select_indices(keep)
-                    mask, last_pos, next_ids = mask[keep], last_pos[keep], next_ids[keep]
-                mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
-                last_pos = last_pos + 1
-                per_row = lora_rows([row_adapters[r] for r in live]) if row_adapters is not None else {}
-                logits = self.model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                                    use_cache=True, **per_row, **{self._cache_kw: cache}).logits[:, -1]
-        return [Completion(token_ids=tokens[r], logprobs=logprobs[r],
-                           text=self.tokenizer.decode(tokens[r], skip_special_tokens=True),
-                           finish_reason=reasons[r] or ("stop" if stopped[r] else "length"),
-                           top_logprobs=tops[r] if top_logprobs else None) for r in range(rows)]
+                if not done.all():
+                    if done.any():  # finished rows leave the batch and its cache
+                        keep = (~done).nonzero().squeeze(1)
+                        live = [live[k] for k in keep.tolist()]
+                        keep = keep.to(dev)
+                        cache.batch_select_indices(keep)
+                        mask, last_pos, next_ids = mask[keep], last_pos[keep], next_ids[keep]
+                        if admit is not None:  # a batch that never drains must not grow without bound
+                            mask = trim_left(cache, mask)
+                    mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+                    last_pos = last_pos + 1
+                    per_row = lora_rows([row_adapters[r] for r in live] if row_adapters is not None else None)
+                    logits = self.model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=last_pos[:, None],
+                                        use_cache=True, **per_row, **{self._cache_kw: cache}).logits[:, -1]
+                else:
+                    live, cache = [], None
+                if new:
+                    first = len(tokens)
+                    for row in new:
+                        tokens.append([]), logprobs.append([]), tops.append([]), reasons.append(None)
+                        stopped.append(False), min_tokens.append(row.min_tokens), ignore_eos.append(row.ignore_eos)
+                        if gens is not None:
+                            gens.append(torch.Generator().manual_seed(row.seed))
+                    names = None
+                    if row_adapters is not None:
+                        names = [row.adapter or BASE_ADAPTER for row in new]
+                        row_adapters += names
+                        if row_lora is not None:
+                            row_lora.extend(names)
+                    new_logits, new_cache, new_mask, new_last = self._prefill([row.prompt for row in new],
+                                                                              lora_rows(names))
+                    if cache is None:
+                        logits, cache, mask, last_pos = new_logits, new_cache, new_mask, new_last
+                    else:
+                        mask = merge_caches(cache, mask, new_cache, new_mask)
+                        logits, last_pos = torch.cat([logits, new_logits]), torch.cat([last_pos, new_last])
+                    live += range(first, len(tokens))
+        return [completion(r) for r in range(len(tokens))]
+
+    def _prefill(self, prompts: list[list[int]], lora: dict[str, Any]):
+        """Last-position logits, KV cache, attention mask and last positions of left-padded ``prompts``."""
+        from transformers import DynamicCache
+
+        dev = self.device
+        input_ids, mask, positions = left_pad(prompts, self.pad_id)
+        cache = DynamicCache(config=self.model.config)
+        logits = self.model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
+                            use_cache=True, logits_to_keep=1, **lora, **{self._cache_kw: cache}).logits[:, -1]
+        return logits, cache, mask.to(dev), positions[:, -1].to(dev)
 
     # ------------------------------------------------------------------------------- serving's extras
 
@@ -327,32 +380,47 @@ BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter bat
 
 
 class RowLora:
-    """Mixed-adapter batches in two batched matmuls per LoRA layer: the batch's adapters' A and B stacked per layer
-    (ranks zero-padded to the largest, the base a zero adapter), gathered by each row's adapter, and added to the
-    base layer's output as PEFT adds them (``B(A x) * scaling``), with PEFT's adapters switched off meanwhile.
+    """Mixed-adapter batches in two matmuls per LoRA layer: the adapters' A and B concatenated per layer (each
+    adapter a block of ``r`` columns, ranks zero-padded to the largest, the base a zero adapter), so that
+    ``((x @ A_all) * mask) @ B_all`` is each row's own ``B(A x) * scaling``, where the per-step ``mask`` keeps
+    (and scales) the row's block only; added to the base layer's output, with PEFT's adapters switched off
+    meanwhile.
 
     PEFT's own mixed batches (``adapter_names=``) loop over the batch's adapters in every LoRA layer, indexing each
     sub-batch out and back, and walk all the model's modules to install their hooks at every forward: with 8
-    adapters on the tiny model that was ~80% of a decode step (``bench/results/serving_mixed.md``). Plain LoRA on
-    linear layers only (no DoRA or other variants, nothing merged); any other model keeps PEFT's path."""
+    adapters on the tiny model that was ~80% of a decode step (``bench/results/serving_mixed.md``). A first
+    version gathered each row's A and B per layer and step (batched matmuls); the masked form has no gather,
+    and on the tiny model its hooks take about half the time. Plain LoRA on linear layers only (no DoRA or
+    other variants, nothing merged); any other model keeps PEFT's path."""
 
     def __init__(self, layers: list, names: list[str]):
-        self.index = {n: i for i, n in enumerate(names)}
-        self.rows: torch.Tensor | None = None
-        self.stacks = []  # per layer: A (k, r, in), B (k, out, r), scaling (k,)
-        for m in layers:
-            present = [n for n in names if n in m.lora_A]
-            r = max((m.lora_A[n].weight.shape[0] for n in present), default=1)
+        self.layers = layers
+        self.masks: list[torch.Tensor] = []
+        self._stack(list(dict.fromkeys(names)))
+
+    def _stack(self, names: list[str]) -> None:
+        import torch
+
+        self.names, self.index = names, {n: i for i, n in enumerate(names)}
+        k = len(names)
+        self.r = r = max((m.lora_A[n].weight.shape[0] for m in self.layers for n in names if n in m.lora_A),
+                         default=1)
+        self.stacks = []  # per layer: A (in, k r), B (k r, out), index of its scaling vector
+        self.scales: list[torch.Tensor] = []  # distinct per-adapter scaling vectors (k,): one mask each
+        for m in self.layers:
             w = m.base_layer.weight
-            a = w.new_zeros((len(names), r, w.shape[1]))
-            b = w.new_zeros((len(names), w.shape[0], r))
-            scale = w.new_zeros(len(names))
-            for n in present:
-                i, rank = self.index[n], m.lora_A[n].weight.shape[0]
-                a[i, :rank] = m.lora_A[n].weight
-                b[i, :, :rank] = m.lora_B[n].weight
-                scale[i] = m.scaling[n]
-            self.stacks.append((m, a, b, scale))
+            a, b, scale = w.new_zeros((w.shape[1], k * r)), w.new_zeros((k * r, w.shape[0])), w.new_zeros(k)
+            for n in names:
+                if n in m.lora_A:
+                    i, rank = self.index[n], m.lora_A[n].weight.shape[0]
+                    a[:, i * r:i * r + rank] = m.lora_A[n].weight.T
+                    b[i * r:i * r + rank] = m.lora_B[n].weight.T
+                    scale[i] = m.scaling[n]
+            group = next((g for g, s in enumerate(self.scales) if torch.equal(s, scale)), None)
+            if group is None:
+                group = len(self.scales)
+                self.scales.append(scale)
+            self.stacks.append((a, b, group))
 
     @classmethod
     def for_batch(cls, model, adapters: list[str]) -> RowLora | None:
@@ -372,38 +440,111 @@ class RowLora:
             return None  # an unknown name: PEFT's path raises its own error
         return cls(layers, names)
 
+    def extend(self, names: list[str]) -> None:
+        """Take rows of more adapters (rows admitted into a running decode)."""
+        extra = [n for n in dict.fromkeys(names) if n not in self.index]
+        if not extra:
+            return
+        for n in extra:
+            if n != BASE_ADAPTER and not any(n in m.lora_A for m in self.layers):
+                raise ValueError(f"adapter {n!r} is not loaded")
+            if any(n in m.lora_variant for m in self.layers):
+                raise ValueError(f"adapter {n!r} is a LoRA variant that per-row batching does not serve")
+        self._stack(self.names + extra)
+
     def set_rows(self, names: list[str]) -> None:
+        """The batch's rows, in order, by adapter name: one mask (rows, k r) per scaling vector."""
         import torch
 
-        self.rows = torch.tensor([self.index[n] for n in names])
+        rows = torch.tensor([self.index[n] for n in names])
+        k, r = len(self.names), self.r
+        one_hot = torch.zeros((len(names), k), dtype=self.scales[0].dtype, device=self.scales[0].device)
+        one_hot[torch.arange(len(names)), rows] = 1
+        self.masks = [(one_hot * s).repeat_interleave(r, dim=1).unsqueeze(1) for s in self.scales]
 
     @contextlib.contextmanager
     def active(self):
         """PEFT's adapters off, the per-row deltas on (hooks), for the ``with`` block."""
-        def hook(a, b, scale):
+        def hook(i: int):
             def add(module, args, out):
-                x = args[0].to(a.dtype)
-                a_rows, b_rows, s_rows = a[self.rows], b[self.rows], scale[self.rows]
-                delta = torch.matmul(torch.matmul(x, a_rows.transpose(1, 2)), b_rows.transpose(1, 2))
-                return out + (delta * s_rows.view(-1, *[1] * (delta.dim() - 1))).to(out.dtype)
+                a, b, group = self.stacks[i]
+                h = torch.matmul(args[0].to(a.dtype), a) * self.masks[group]
+                return out + torch.matmul(h, b).to(out.dtype)
             return add
 
         import torch
 
         # PEFT's switch is its private flag: enable_adapters(True) would also make the active adapter trainable
-        handles, before = [], [m.disable_adapters for m, *_ in self.stacks]
+        handles, before = [], [m.disable_adapters for m in self.layers]
         try:
-            for m, a, b, scale in self.stacks:
+            for i, m in enumerate(self.layers):
                 m._disable_adapters = True
-                handles.append(m.register_forward_hook(hook(a, b, scale)))
+                handles.append(m.register_forward_hook(hook(i)))
             yield self
         finally:
             for h in handles:
                 h.remove()
-            for (m, *_), flag in zip(self.stacks, before, strict=True):
+            for m, flag in zip(self.layers, before, strict=True):
                 m._disable_adapters = flag
+
+
+@dataclass(frozen=True)
+class NewRow:
+    """A completion row admitted into a running decode (continuous batching): its prompt, its sampling seed, its
+    adapter (None: the base) and its per-row options (as ``generate``'s ``min_tokens`` and ``ignore_eos``)."""
+
+    prompt: list[int]
+    seed: int = 0
+    adapter: str | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+
+
 RowDone = Callable[[int, list[int]], "str | None"]
 OnToken = Callable[[int, int, float], None]
+Admit = Callable[[int], "list[NewRow]"]
+OnFinish = Callable[[int, Completion], None]
+
+
+def mergeable(cache) -> bool:
+    """Whether :func:`merge_caches` can take this cache: plain dynamic layers (no sliding window, no
+    quantised or offloaded layers)."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
+
+
+def trim_left(cache, mask: torch.Tensor) -> torch.Tensor:
+    """Drop the cache's leading columns that no row attends to (padding left behind by rows that have left the
+    batch); returns the trimmed mask. In a batch that admits rows it would otherwise grow by a column a step
+    for as long as the batch runs, and every step copies the whole cache."""
+    start = int(mask.any(0).int().argmax())
+    if start == 0:
+        return mask
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+    return mask[:, start:]
+
+
+def merge_caches(cache, mask: torch.Tensor, other, other_mask: torch.Tensor) -> torch.Tensor:
+    """Append ``other``'s rows to ``cache`` (in place; both left-padded, keys (B, heads, T, dim)): the shorter
+    one is padded further on the left, where the attention mask hides it. Returns the merged mask (B, T)."""
+    import torch
+    import torch.nn.functional as F
+
+    width = max(mask.shape[1], other_mask.shape[1])
+
+    def left(t: torch.Tensor, dim: int) -> torch.Tensor:
+        extra = width - t.shape[dim]
+        if not extra:
+            return t
+        pad = [0, 0] * (t.dim() - 1 - dim) + [extra, 0]
+        return F.pad(t, pad)
+
+    for mine, theirs in zip(cache.layers, other.layers, strict=True):
+        mine.keys = torch.cat([left(mine.keys, 2), left(theirs.keys, 2)])
+        mine.values = torch.cat([left(mine.values, 2), left(theirs.values, 2)])
+    return torch.cat([left(mask, 1), left(other_mask, 1)])
 
 
 def cache_keyword(model) -> str | None:

@@ -4,11 +4,18 @@ rollout actors use) with several LoRA adapters resident, and a queue that batche
 Requests wait at most ``batching.wait_ms`` in the replica's queue; the scheduler then takes the oldest request
 and every queued one that can share its decode (same temperature and top-p; adapters may differ) up to
 ``batching.max_batch_rows`` completions, and decodes them in one batch in which each row names its adapter
-(PEFT's mixed-adapter batches: one base forward for all rows, each LoRA applied to its own rows). ``n``
-completions of a request are rows of their own, each with its own seed (``seed + j``, or a random one).
+(one base forward for all rows, each LoRA applied to its own rows). ``n`` completions of a request are rows of
+their own, each with its own seed (``seed + j``, or a random one).
 
-Adapters are loaded and deleted only between batches (PEFT changes the modules in place). An adapter evicted
-by Ray Serve's LRU is deleted once no queued request still uses it.
+Continuous batching: between two decode steps, requests that arrived meanwhile join the running batch (their
+prompts prefilled and merged into its KV cache) as long as they are compatible with it and rows are free, and a
+request is answered as soon as its own rows end, not when the batch does. Without it, a replica under steady
+load alternates two half batches: the requests answered by one batch come back while the next decodes.
+Admission follows the queue's order: an incompatible request at its head (another temperature, a prompt to
+score) stops it, so the running batch drains and that request goes next.
+
+Adapters are loaded and deleted only between batches (PEFT changes the modules in place): a load waiting for
+the model stops admission. An adapter evicted by Ray Serve's LRU is deleted once no queued request still uses it.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import asyncio
 import logging
 import random
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +77,8 @@ class _Job:
     future: asyncio.Future
     events: asyncio.Queue | None = None  # streaming: (row, token id) as tokens are chosen
     cancelled: bool = False
+    choices: list[Choice] = field(default_factory=list)  # rows finished so far (continuous batching)
+    queued_at: float = field(default_factory=time.monotonic)
 
     def key(self) -> tuple:
         return ("score",) if self.kind == "score" else ("generate", self.req.temperature, self.req.top_p)
@@ -113,6 +123,8 @@ class EngineCore:
         self._doomed: set[str] = set()
         self._next = 0
         self._model_lock = threading.Lock()  # a batch, or an adapter load/delete: never two at once
+        self._loads_waiting = 0  # adapter loads waiting for the model lock: the running decode admits no more
+        self._queue_lock = threading.Lock()  # the queue: the event loop adds, the decode thread admits
         self._queue: list[_Job] = []
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -140,14 +152,18 @@ class EngineCore:
             served = served_adapter(self.cfg.registry, name, self.base, version or None)
         except KeyError as e:
             raise APIError(404, str(e).strip("'\""), param="model", code="model_not_found") from None
-        with self._model_lock:
-            self._doomed.discard(load_id)
-            if load_id not in self.resident:
-                peft_name = f"a{self._next}"
-                self._next += 1
-                self.engine.load_adapter(peft_name, str(served.path))
-                self.resident[load_id] = peft_name
-                log.info("loaded adapter %s as %s", load_id, peft_name)
+        self._loads_waiting += 1  # the running decode admits no more requests, so the model comes free
+        try:
+            with self._model_lock:
+                self._doomed.discard(load_id)
+                if load_id not in self.resident:
+                    peft_name = f"a{self._next}"
+                    self._next += 1
+                    self.engine.load_adapter(peft_name, str(served.path))
+                    self.resident[load_id] = peft_name
+                    log.info("loaded adapter %s as %s", load_id, peft_name)
+        finally:
+            self._loads_waiting -= 1
         return Resident(self, load_id)
 
     def release(self, load_id: str) -> None:
@@ -235,16 +251,18 @@ class EngineCore:
             return await asyncio.shield(job.future)
         except asyncio.CancelledError:
             job.cancelled = True  # a running decode ends the job's rows at their next token
-            if job in self._queue:
-                self._queue.remove(job)
+            with self._queue_lock:
+                if job in self._queue:
+                    self._queue.remove(job)
             raise
 
     def _enqueue(self, job: _Job) -> None:
-        queued = sum(len(j.rows) for j in self._queue)
-        if queued + len(job.rows) > self.cfg.batching.max_queued_rows:
-            raise overloaded(self.cfg.batching.retry_after_s,
-                             f"the replica's queue is full ({queued} completions waiting); retry later")
-        self._queue.append(job)
+        with self._queue_lock:
+            queued = sum(len(j.rows) for j in self._queue)
+            if queued + len(job.rows) > self.cfg.batching.max_queued_rows:
+                raise overloaded(self.cfg.batching.retry_after_s,
+                                 f"the replica's queue is full ({queued} completions waiting); retry later")
+            self._queue.append(job)
         if self._worker is None or self._worker.done():
             self._wakeup = asyncio.Event()
             self._worker = asyncio.get_running_loop().create_task(self._schedule())
@@ -266,33 +284,59 @@ class EngineCore:
                 results = await asyncio.to_thread(self._run, batch)
             except Exception as e:  # a bug or a bad adapter: fail these requests, keep serving
                 log.exception("batch of %d requests failed", len(batch))
-                for job in batch:
+                for job in batch:  # with the requests the decode admitted
                     if not job.future.done():
                         job.future.set_exception(e)
                 continue
-            for job, result in zip(batch, results, strict=True):
+            for job, result in zip(batch, results, strict=False):
                 if not job.future.done():
                     job.future.set_result(result)
 
     def _take(self) -> list[_Job]:
         """The oldest job and the queued ones that can share its decode, up to max_batch_rows rows."""
-        self._queue = [j for j in self._queue if not j.cancelled]
-        if not self._queue:
+        with self._queue_lock:
+            self._queue = [j for j in self._queue if not j.cancelled]
+            if not self._queue:
+                return []
+            key, limit = self._queue[0].key(), self.cfg.batching.max_batch_rows
+            batch, rows = [], 0
+            for job in self._queue:
+                if job.key() == key and (not batch or rows + len(job.rows) <= limit):
+                    batch.append(job)
+                    rows += len(job.rows)
+            self._queue = [j for j in self._queue if j not in batch]
+            return batch
+
+    def _admit(self, batch: list[_Job], free: int) -> list[_Job]:
+        """Queued jobs that join the running decode of ``batch`` (decode thread): from the queue's head, while
+        they share the batch's sampling, ask for no more top logprobs than it records and fit in ``free`` rows.
+        Each admission costs a prefill forward, so requests gather as for a new batch: none are taken before the
+        oldest has waited ``wait_ms`` or they fill the free rows. None while an adapter load waits."""
+        if self._loads_waiting or not self._queue or not free:
             return []
-        key, limit = self._queue[0].key(), self.cfg.batching.max_batch_rows
-        batch, rows = [], 0
-        for job in self._queue:
-            if job.key() == key and (not batch or rows + len(job.rows) <= limit):
-                batch.append(job)
-                rows += len(job.rows)
-        self._queue = [j for j in self._queue if j not in batch]
-        return batch
+        queued = sum(len(j.rows) for j in self._queue)
+        if queued < free and time.monotonic() - self._queue[0].queued_at < self.cfg.batching.wait_ms / 1000:
+            return []
+        first, taken = batch[0], []
+        k = max(job.req.top_logprobs for job in batch)
+        with self._queue_lock:
+            while self._queue:
+                job = self._queue[0]
+                if job.cancelled:
+                    self._queue.pop(0)
+                    continue
+                if job.key() != first.key() or job.req.top_logprobs > k or len(job.rows) > free:
+                    break
+                taken.append(self._queue.pop(0))
+                free -= len(job.rows)
+        batch += taken  # the scheduler fails them with the batch if the decode raises
+        return taken
 
     def _run(self, batch: list[_Job]) -> list[Any]:
         with self._model_lock:
             self._collect(batch)
             adapters = [job.adapter for job in batch for _ in job.rows]
-            self.batches = (self.batches + [{"kind": batch[0].kind, "adapters": adapters}])[-64:]
+            self.batches = (self.batches + [{"kind": batch[0].kind, "adapters": list(adapters)}])[-64:]
             if batch[0].kind == "score":
                 return self._score(batch, adapters)
             return self._decode(batch, adapters)
@@ -307,13 +351,39 @@ class EngineCore:
         return out
 
     def _decode(self, batch: list[_Job], adapters: list[str]) -> list[list[Choice]]:
+        """Decode ``batch`` (and the jobs admitted into it), answering each job as its last row ends."""
         from rayft.rl.records import Sampling
+        from rayft.rl.rollout import NewRow
 
         owners = [(job, i) for job in batch for i in range(len(job.rows))]  # batch row -> (job, its row)
         trackers = [StopTracker(job.req.stops, job.req.min_tokens) for job, _ in owners]
         first = batch[0].req
+        # every row ends at its own max_tokens (row_done); the cap lets admitted requests ask for more
         sampling = Sampling(temperature=first.temperature, top_p=first.top_p, n=1,
-                            max_tokens=max(job.req.max_tokens for job in batch))
+                            max_tokens=max(self.cfg.limits.max_tokens, *(job.req.max_tokens for job in batch)))
+        log_adapters = self.batches[-1]["adapters"]
+        k = max(job.req.top_logprobs for job in batch)
+
+        def admit(free: int) -> list[NewRow]:
+            rows = []
+            for job in self._admit(batch, free):
+                for i, (prompt, seed) in enumerate(zip(job.rows, job.seeds, strict=True)):
+                    owners.append((job, i))
+                    trackers.append(StopTracker(job.req.stops, job.req.min_tokens))
+                    rows.append(NewRow(prompt=prompt, seed=seed, adapter=job.adapter, min_tokens=job.req.min_tokens,
+                                       ignore_eos=job.req.ignore_eos))
+                    log_adapters.append(job.adapter)
+            return rows
+
+        def on_finish(r: int, c) -> None:
+            job, i = owners[r]
+            text = trackers[r].text if trackers[r].stopped else c.text
+            job.choices.append(Choice(
+                index=i, token_ids=c.token_ids, logprobs=c.logprobs, text=text, finish_reason=c.finish_reason,
+                top_logprobs=[dict(sorted(t.items(), key=lambda kv: -kv[1])[:job.req.top_logprobs])
+                              for t in c.top_logprobs] if job.req.top_logprobs and c.top_logprobs else None))
+            if len(job.choices) == len(job.rows):
+                job.loop.call_soon_threadsafe(_resolve, job.future, sorted(job.choices, key=lambda ch: ch.index))
 
         def row_done(r: int, ids: list[int]) -> str | None:
             job, _ = owners[r]
@@ -328,17 +398,15 @@ class EngineCore:
             if job.events is not None:
                 job.loop.call_soon_threadsafe(job.events.put_nowait, (i, token))
 
-        completions = self.engine.generate(
+        self.engine.generate(
             [r for job in batch for r in job.rows], sampling, [[s] for job in batch for s in job.seeds],
-            adapters=adapters, row_done=row_done, on_token=on_token,
-            top_logprobs=max(job.req.top_logprobs for job in batch),
-            min_tokens=[job.req.min_tokens for job, _ in owners], ignore_eos=[job.req.ignore_eos for job, _ in owners])
-        out: dict[int, list[Choice]] = {id(job): [] for job in batch}
-        for r, ((job, i), group) in enumerate(zip(owners, completions, strict=True)):
-            c, k = group[0], job.req.top_logprobs
-            text = trackers[r].text if trackers[r].stopped else c.text
-            out[id(job)].append(Choice(
-                index=i, token_ids=c.token_ids, logprobs=c.logprobs, text=text, finish_reason=c.finish_reason,
-                top_logprobs=[dict(sorted(t.items(), key=lambda kv: -kv[1])[:k]) for t in c.top_logprobs]
-                if k and c.top_logprobs else None))
-        return [out[id(job)] for job in batch]
+            adapters=adapters, row_done=row_done, on_token=on_token, top_logprobs=k,
+            min_tokens=[job.req.min_tokens for job, _ in owners], ignore_eos=[job.req.ignore_eos for job, _ in owners],
+            admit=admit if len(owners) <= self.engine.max_batch_rows else None,  # a job beyond it: chunks
+            on_finish=on_finish)
+        return []  # each job was answered by on_finish
+
+
+def _resolve(future: asyncio.Future, result: Any) -> None:
+    if not future.done():
+        future.set_result(result)

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from rayft.rl.records import Completion, RolloutBatch, Sampling
-from rayft.rl.rollout import RolloutSpec, RolloutWorker, TransformersEngine, sample_seeds
+from rayft.rl.rollout import (
+    NewRow,
+    RolloutSpec,
+    RolloutWorker,
+    TransformersEngine,
+    merge_caches,
+    sample_seeds,
+    trim_left,
+)
 
 QUESTIONS = ["Tom has 3 apples and gets 4 more. How many apples does Tom have?", "Hi",
              "Ana has 20 pens and gives away 5. How many pens are left?"]
@@ -161,6 +169,56 @@ def test_seeds_decide_the_samples_whatever_the_batch(engine, prompts):
     other = engine.generate(prompts, sampling, sample_seeds(8, 3, [10, 11, 12], 2))
     assert [tokens(g) for g in other] != [tokens(g) for g in batched]
     assert batched[0][0].token_ids != batched[0][1].token_ids
+
+
+def test_rows_admitted_into_a_running_decode_are_sampled_as_alone(engine, prompts):
+    """Continuous batching: rows admitted between decode steps are sampled exactly as in a decode of their own,
+    and the running rows are not disturbed. One admitted prompt is longer than the running rows' prompts plus
+    their tokens and one is shorter, so each side's cache is padded on the left once; ``on_finish`` sees every
+    row once, when it ends."""
+    sampling = Sampling(temperature=1.0, max_tokens=12, n=1)
+    new = [NewRow(prompt=prompts[0] + prompts[2], seed=13, ignore_eos=True), NewRow(prompt=prompts[1], seed=14)]
+    offered, finished = [], []
+
+    def admit(free: int) -> list[NewRow]:
+        offered.append(free)
+        return new if len(offered) == 3 else []
+
+    out = engine.generate(prompts[1:], sampling, [[11], [12]], ignore_eos=[True, True], admit=admit,
+                          on_finish=lambda r, c: finished.append((r, len(c.token_ids))))
+    alone = [engine.generate([p], sampling, [[s]], ignore_eos=[e])[0][0]
+             for p, s, e in [(prompts[1], 11, True), (prompts[2], 12, True), (new[0].prompt, 13, True),
+                             (new[1].prompt, 14, False)]]
+    assert len(out) == 4 and len(new[0].prompt) > max(len(p) for p in prompts[1:]) + 3
+    for (got,), ref in zip(out, alone, strict=True):
+        assert got.token_ids == ref.token_ids and got.logprobs == pytest.approx(ref.logprobs, abs=1e-5)
+    assert [len(g[0].token_ids) for g in out[:3]] == [12, 12, 12]
+    assert offered[0] == engine.max_batch_rows - 2
+    # rows 0 and 1 end at step 12, the admitted row 2 three steps later; each row is reported once
+    assert sorted(r for r, _ in finished) == [0, 1, 2, 3] and finished.index((2, 12)) > finished.index((1, 12))
+    with pytest.raises(ValueError, match="n = 1"):
+        engine.generate(prompts, Sampling(n=2), [[1, 2]] * 3, admit=admit)
+
+
+def test_cache_merge_pads_on_the_left_and_trim_drops_unused_columns():
+    """Merging a 5-wide cache into a 3-wide one pads the narrower on the left (hidden by the mask); once the
+    wide row leaves, trimming restores the 3-wide cache exactly."""
+    from transformers import DynamicCache
+
+    keys_a, keys_b = torch.randn(2, 1, 3, 2), torch.randn(1, 1, 5, 2)
+    a, b = DynamicCache(), DynamicCache()
+    a.update(keys_a, -keys_a, 0)
+    b.update(keys_b, -keys_b, 0)
+    mask_a, mask_b = torch.tensor([[0, 1, 1], [1, 1, 1]]), torch.ones(1, 5, dtype=torch.long)
+    mask = merge_caches(a, mask_a, b, mask_b)
+    layer = a.layers[0]
+    assert mask.tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert torch.equal(layer.keys[:2, :, 2:], keys_a) and not layer.keys[:2, :, :2].any()
+    assert torch.equal(layer.keys[2:], keys_b) and torch.equal(layer.values, -layer.keys)
+    a.batch_select_indices(torch.tensor([0, 1]))
+    mask = trim_left(a, mask[:2])
+    assert torch.equal(mask, mask_a) and torch.equal(a.layers[0].keys, keys_a)
+    assert torch.equal(a.layers[0].values, -keys_a) and a.get_seq_length() == 3
 
 
 def test_tiny_top_p_is_greedy(engine, prompts):

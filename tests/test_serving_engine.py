@@ -106,6 +106,35 @@ def test_the_queue_batches_concurrent_requests_for_different_adapters(core, regi
     assert out[1][0].token_ids == alone[0].token_ids
 
 
+def test_a_request_arriving_during_a_decode_joins_it_and_is_answered_first(core):
+    """Continuous batching: a request queued while a long decode runs joins that decode (one batch in the log),
+    decodes exactly as alone, and is answered when its own rows end, before the long request."""
+    ps = prompts(core.tokenizer)
+    long = GenerateRequest(prompts=[ps[1]], max_tokens=200, temperature=0, ignore_eos=True)
+    short = GenerateRequest(prompts=[ps[0]], max_tokens=4, temperature=0, ignore_eos=True)
+    alone = asyncio.run(core.generate(short, core.base.id))[0]
+
+    async def run():
+        done = []
+
+        async def one(req, tag):
+            out = await core.generate(req, core.base.id)
+            done.append(tag)
+            return out
+
+        core.batches.clear()
+        first = asyncio.ensure_future(one(long, "long"))
+        while not core.batches:  # the long decode has started
+            await asyncio.sleep(0.001)
+        second = await one(short, "short")
+        return done, await first, second
+
+    done, long_out, short_out = asyncio.run(run())
+    assert done == ["short", "long"]
+    assert len(core.batches) == 1 and len(core.batches[0]["adapters"]) == 2
+    assert short_out[0].token_ids == alone.token_ids and len(long_out[0].token_ids) == 200
+
+
 def test_stop_strings_max_tokens_n_and_streaming(core):
     ps = prompts(core.tokenizer)
     full = asyncio.run(core.generate(GenerateRequest(prompts=[ps[1]], max_tokens=16, temperature=0), core.base.id))[0]
