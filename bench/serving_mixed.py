@@ -2,14 +2,18 @@
 against two baselines behind the same HTTP route, driven by the same client in the same run.
 
 * **rayft**: ``python jobs/serve.py`` (Ray Serve, one engine replica of ``deployment.num_cpus`` CPUs =
-  torch threads, 8 adapters resident, ``batching.max_batch_rows`` 32, ``wait_ms`` 5).
+  torch threads, ``--threads``, default 1; 8 adapters resident, ``batching.max_batch_rows`` 32, ``wait_ms`` 15;
+  continuous batching: requests that arrive during a decode join it).
 * **naive**: a FastAPI/uvicorn server in its own process, the base with the 8 adapters resident in one
   ``PeftModel``; per request, one at a time: ``set_adapter`` then greedy ``generate`` (KV cache on).
 * **grouped** (per-adapter batching): the same server; queued requests are taken by adapter (the oldest
   request's adapter, every queued request for it up to ``max_batch``), ``set_adapter``, one left-padded batched
   greedy ``generate``; then the next adapter. Its batch window and batch size are piloted (fastest kept).
 
-Both baselines use the same torch thread count as rayft's replica. Every side serves ``POST /v1/completions``
+The baselines' torch thread count is piloted with the grouped baseline's window (``--baseline-threads``, default
+1 and 2; the fastest kept, for the naive baseline too): on 2 cores a server's second thread competes with the
+client (rayft's replica was faster with 1 thread than with 2: 90.9 against 78.9 req/s before continuous
+batching). Every side serves ``POST /v1/completions``
 (OpenAI shape: ``usage.completion_tokens``) and ``GET /health``.
 
 The work: 8 fresh LoRA adapters (r 16, alpha 32, all linear layers, random A and B, seeded) on the tiny base of
@@ -253,7 +257,7 @@ def start_rayft(setup: dict, work: Path, threads: int, tag: str, overrides: list
     cfg = {"model": {"name_or_path": setup["model"]}, "registry": setup["registry"], "max_lora_rank": 64,
            "http": {"host": "127.0.0.1", "port": port},
            "limits": {"max_tokens": 256, "default_max_tokens": 64},
-           "batching": {"max_batch_rows": 32, "wait_ms": 5, "max_queued_rows": 256},
+           "batching": {"max_batch_rows": 32, "wait_ms": 15, "max_queued_rows": 256},
            "deployment": {"num_replicas": 1, "num_cpus": threads, "max_adapters_per_replica": N_ADAPTERS,
                           "max_ongoing_requests": 64}}
     for item in overrides:
@@ -265,7 +269,8 @@ def start_rayft(setup: dict, work: Path, threads: int, tag: str, overrides: list
         node[leaf] = yaml.safe_load(value)
     path = work / "serve.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, str(REPO / "jobs" / "serve.py"), "--config", str(path), "--num-cpus", str(threads)]
+    cmd = [sys.executable, str(REPO / "jobs" / "serve.py"), "--config", str(path),
+           "--num-cpus", str(max(threads, os.cpu_count() or 1))]
     return Server("rayft", cmd, port, work / f"log-{tag}.txt",
                   env={"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
 
@@ -411,21 +416,23 @@ def one_run(side: str, setup: dict, work: Path, p: dict, threads: int, tag: str,
         server.stop()
 
 
-def pilot_grouped(setup: dict, work: Path, p: dict, threads: int) -> list[dict]:
-    """Short runs of the grouped baseline's batch window and size on one server; the fastest is kept."""
+def pilot_grouped(setup: dict, work: Path, p: dict, threads: list[int]) -> list[dict]:
+    """Short runs of the grouped baseline's thread count, batch window and size (one server per thread count);
+    the fastest is kept."""
     import requests
 
-    server = start_baseline("grouped", setup, work, threads, "pilot")
     out = []
-    try:
-        drive(server.url, [(a, ps[0]) for a, ps in sorted(setup["keep"].items())], 1, p["max_tokens"])
-        for tuning in GROUPED_PILOT:
-            requests.post(server.url + "/bench/tuning", json=tuning, timeout=10).raise_for_status()
-            r = drive(server.url, setup["plan"][:p["pilot_requests"]], p["concurrency"], p["max_tokens"])
-            out.append({**tuning, "req_per_s": r["req_per_s"], "statuses": r["statuses"]})
-            print(f"  pilot grouped {tuning}: {r['req_per_s']:.1f} req/s", flush=True)
-    finally:
-        server.stop()
+    for n in threads:
+        server = start_baseline("grouped", setup, work, n, f"pilot-{n}")
+        try:
+            drive(server.url, [(a, ps[0]) for a, ps in sorted(setup["keep"].items())], 1, p["max_tokens"])
+            for tuning in GROUPED_PILOT:
+                requests.post(server.url + "/bench/tuning", json=tuning, timeout=10).raise_for_status()
+                r = drive(server.url, setup["plan"][:p["pilot_requests"]], p["concurrency"], p["max_tokens"])
+                out.append({"threads": n, **tuning, "req_per_s": r["req_per_s"], "statuses": r["statuses"]})
+                print(f"  pilot grouped threads {n} {tuning}: {r['req_per_s']:.1f} req/s", flush=True)
+        finally:
+            server.stop()
     return out
 
 
@@ -480,7 +487,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     ap.add_argument("--assets", default=None, help="an existing rayft.tiny assets dir (default: build one)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (rayft: deployment.num_cpus) per server")
+    ap.add_argument("--threads", type=int, default=1, help="rayft's torch threads (deployment.num_cpus)")
+    ap.add_argument("--baseline-threads", default="1,2", help="the baselines' torch threads, piloted")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--b-std", type=float, default=0.02, help="std of the random adapters' B matrices")
     ap.add_argument("--candidates", type=int, default=24, help="candidate prompts per adapter")
@@ -507,7 +515,7 @@ def main() -> None:
     p.update({k: v for k, v in (("repeats", args.repeats), ("requests", args.requests),
                                 ("concurrency", args.concurrency)) if v is not None})
     p.update(max_tokens=args.max_tokens, b_std=args.b_std, candidates=args.candidates, threads=args.threads,
-             rayft_set=args.rayft_set)
+             baseline_threads=[int(x) for x in args.baseline_threads.split(",")], rayft_set=args.rayft_set)
     sides = args.sides.split(",")
     work = Path(tempfile.mkdtemp(prefix="serving-mixed-"))
     t_start = time.perf_counter()
@@ -516,14 +524,16 @@ def main() -> None:
         print(f"prepared in {setup['prepare_s']:.0f} s: prompts kept per adapter "
               f"{ {a: len(v) for a, v in setup['keep'].items()} }; {setup['selection']['distinct_outputs_per_prompt']}"
               " distinct outputs per prompt over the 8 adapters", flush=True)
-        pilot = pilot_grouped(setup, work, p, args.threads) if "grouped" in sides else []
+        pilot = pilot_grouped(setup, work, p, p["baseline_threads"]) if "grouped" in sides else []
         best = max(pilot, key=lambda r: r["req_per_s"]) if pilot else None
         tuning = {"window_ms": best["window_ms"], "max_batch": best["max_batch"]} if best else None
+        p["baseline_threads_kept"] = best["threads"] if best else p["baseline_threads"][-1]
         runs = []
         for rep in range(p["repeats"]):
             for side in sides:
                 last = rep == p["repeats"] - 1 and side == "rayft"
-                r = one_run(side, setup, work, p, args.threads, f"{side}-{rep}",
+                r = one_run(side, setup, work, p, args.threads if side == "rayft" else p["baseline_threads_kept"],
+                            f"{side}-{rep}",
                             tuning if side == "grouped" else None, load_test=p["load_requests"] if last else 0)
                 r["repeat"] = rep
                 runs.append(r)
@@ -560,7 +570,8 @@ def render(res: dict) -> str:
     lines = [
         "# Mixed-adapter serving: rayft vs per-request switching vs per-adapter batching",
         "",
-        f"{res['date']}, {res['machine']['cpus']} CPUs, {p['threads']} torch threads per server. "
+        f"{res['date']}, {res['machine']['cpus']} CPUs; torch threads: rayft {p['threads']}, baselines "
+        f"{p.get('baseline_threads_kept', p['threads'])} (piloted). "
         f"{p['requests']} requests over 8 adapters (seeded random), concurrency {p['concurrency']}, greedy, "
         f"max_tokens {p['max_tokens']}; {p['repeats']} interleaved repeats, each a fresh server process: median "
         "(min-max). Produced by `bench/serving_mixed.py` (its docstring says what runs).",
@@ -588,9 +599,10 @@ def render(res: dict) -> str:
     lines += [
         f"* load test, rayft at concurrency 16, {lt['requests']} requests: statuses {lt['statuses']} "
         f"({five} 5xx), {lt['req_per_s']:.1f} req/s, p50 {lt['p50_s'] * 1e3:.0f} ms, p99 {lt['p99_s'] * 1e3:.0f} ms",
-        "* grouped baseline's pilot (window ms, max batch -> req/s): "
-        + "; ".join(f"{r['window_ms']}, {r['max_batch']} -> {r['req_per_s']:.1f}" for r in res["pilot_grouped"])
-        + f"; kept {res['grouped_tuning']}",
+        "* grouped baseline's pilot (threads, window ms, max batch -> req/s): "
+        + "; ".join(f"{r.get('threads', p['threads'])}, {r['window_ms']}, {r['max_batch']} -> {r['req_per_s']:.1f}"
+                    for r in res["pilot_grouped"])
+        + f"; kept {res['grouped_tuning']}, threads {p.get('baseline_threads_kept', p['threads'])}",
         f"* work: every request generated {p['max_tokens']} tokens on every side (tokens per request above; "
         f"prompts kept per adapter: {res['prompts_kept']}); distinct outputs of one prompt over the 8 adapters "
         f"{res['selection']['distinct_outputs_per_prompt']}; texts equal to rayft's first run: "
