@@ -110,25 +110,46 @@ def test_greedy_tokens_equal_transformers_generate(engine, prompts):
 
 def test_rows_stop_at_different_times_and_match_generate(engine, prompts):
     """A stop token the rows reach at different steps: finished rows leave the batch (and its cache) while
-    the others go on, and every row still equals transformers' generate; stop is included, text is not cut."""
-    full = greedy(engine, prompts, 20)
-
-    def first_stops(tok):  # where each row would stop at ``tok`` (None: never)
-        return [c.token_ids.index(tok) if tok in c.token_ids else None for c in full]
-
-    # a token of row 0 the rows reach at different steps (or never)
-    stop_tok = next(t for t in full[0].token_ids if len(set(first_stops(t))) == len(full))
+    the others go on, and every row still equals transformers' generate; stop is included, text is not cut.
+    The rows are picked from the chat prompts and some plain-text ones (how soon the tiny base ends a chat
+    answer depends on the CPU's float rounding): three rows that first reach one token at three different
+    steps, or never."""
+    texts = ["12+7=", "Hi there", "30-4=", "Tom has 3 apples", "The answer is", "abc def"]
+    candidates = prompts + [engine.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     saved = engine.stop_ids
+    engine.stop_ids = set()
+    try:  # every candidate's first 20 greedy tokens, with no stop token
+        everything = greedy(engine, candidates, 20)
+    finally:
+        engine.stop_ids = saved
+
+    def ends(tok) -> list[int]:  # each candidate's length when decoding stops at ``tok``
+        return [c.token_ids.index(tok) + 1 if tok in c.token_ids else 20 for c in everything]
+
+    def pick() -> tuple[int, list[int]]:
+        for lead, c in enumerate(everything):
+            for tok in set(c.token_ids):
+                by_length = {}  # length -> a candidate (the lead first: it stops on tok)
+                for i in [lead, *range(len(everything))]:
+                    by_length.setdefault(ends(tok)[i], i)
+                if ends(tok)[lead] < 20 and len(by_length) >= 3:
+                    return tok, list(by_length.values())[:3]
+        raise AssertionError(f"no token that rows reach at different steps: {[c.token_ids for c in everything]}")
+
+    stop_tok, rows = pick()
+    chosen = [candidates[i] for i in rows]
     engine.stop_ids = {stop_tok}
     try:
-        out = greedy(engine, prompts, 20)
-        ref = hf_generate(engine.model, prompts, engine.pad_id, {stop_tok}, 20)
+        out = greedy(engine, chosen, 20)
+        ref = hf_generate(engine.model, chosen, engine.pad_id, {stop_tok}, 20)
     finally:
         engine.stop_ids = saved
     assert [c.token_ids for c in out] == ref
-    assert out[0].finish_reason == "stop" and [len(c.token_ids) for c in out] == \
-        [20 if i is None else i + 1 for i in first_stops(stop_tok)]
-    for c, f in zip(out, full, strict=True):
+    lengths = [len(c.token_ids) for c in out]
+    assert out[0].finish_reason == "stop" and lengths == [ends(stop_tok)[i] for i in rows]
+    assert len(set(lengths)) == 3
+    for c, i in zip(out, rows, strict=True):
+        f = everything[i]
         assert c.token_ids == f.token_ids[:len(c.token_ids)]
         assert c.finish_reason == ("stop" if c.token_ids[-1] == stop_tok else "length")
         assert c.logprobs == pytest.approx(f.logprobs[:len(c.logprobs)], abs=1e-5)
