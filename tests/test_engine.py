@@ -60,13 +60,21 @@ class PerMicroBatchMean(SFTObjective):
 
 def test_global_token_normalisation_does_not_depend_on_the_micro_batch_split(dist_group, assets, tmp_path, examples):
     """Two micro-batches with very different label counts (accumulated) and one micro-batch holding both give
-    the same loss and gradient; a per-micro-batch mean would give another gradient (checked, so the test
-    tells the formulas apart)."""
-    from rayft.data import make_rows
+    the same loss and gradient; a per-micro-batch mean would give another loss and gradient (checked, so the
+    test tells the formulas apart)."""
+    from rayft.data import Example, make_rows
 
     train, _ = examples
-    (short,) = make_rows(train[:1], 4096, packing=False)
-    (long,) = make_rows(train[1:5], 4096, packing=True)  # four examples in one row
+    # the short row's answer reversed: a much higher loss per token than the long row's, so the two
+    # normalisations weigh the rows' tokens differently enough to tell apart
+    first = train[0]
+    answer = [i for i, lab in enumerate(first.labels) if lab != -100]
+    flipped = list(first.input_ids)
+    for i, j in zip(answer, reversed(answer), strict=True):
+        flipped[i] = first.input_ids[j]
+    labels = [t if i in answer else -100 for i, t in enumerate(flipped)]
+    (short,) = make_rows([Example(flipped, labels)], 4096, packing=False)
+    (long,) = make_rows(train[1:9], 4096, packing=True)  # eight examples in one row
     n_short, n_long = int((short.labels[1:] != -100).sum()), int((long.labels[1:] != -100).sum())
     assert n_long >= 1.5 * n_short, (n_short, n_long)
 
@@ -78,7 +86,10 @@ def test_global_token_normalisation_does_not_depend_on_the_micro_batch_split(dis
     assert split.grad_norm() == pytest.approx(whole.grad_norm(), rel=1e-5)
 
     wrong = engine_for(assets, tmp_path / "c", ["train.micro_batch_size=1", "train.grad_accum=2"])
-    wrong.step(PerMicroBatchMean(), [rows_batch([short], 0), rows_batch([long], 0)])
+    m_wrong = wrong.step(PerMicroBatchMean(), [rows_batch([short], 0), rows_batch([long], 0)])
+    print(f"loss: whole {m_whole['loss']:.5f}, per-micro-batch mean {m_wrong['loss']:.5f}; grad norm: whole "
+          f"{whole.grad_norm():.4f}, per-micro-batch mean {wrong.grad_norm():.4f}")
+    assert abs(m_wrong["loss"] - m_whole["loss"]) > 0.03 * m_whole["loss"]
     assert abs(wrong.grad_norm() - whole.grad_norm()) > 0.02 * whole.grad_norm()
 
 

@@ -69,6 +69,17 @@ def read_s3(uri: str, name: str) -> bytes:
         return f.read()
 
 
+def registered_step(run_uri: str) -> int | None:
+    """The step of the last checkpoint Ray Train registered for the run (its checkpoint manager's snapshot in
+    the bucket), None before the first."""
+    try:
+        snapshot = json.loads(read_s3(run_uri, "checkpoint_manager_snapshot.json"))
+    except OSError:  # not written yet (pyarrow raises FileNotFoundError, an OSError)
+        return None
+    latest = snapshot.get("latest_checkpoint_result")
+    return latest["metrics"]["step"] if latest else None
+
+
 def test_path_helpers():
     assert doctest.testmod(storage).failed == 0
     assert storage.staging_dir("/mnt/runs/a") == Path("/mnt/runs/a")
@@ -146,37 +157,44 @@ def test_sft_on_s3_resumes_from_the_bucket_and_registers(s3_endpoint, assets, ra
     run_uri = storage.join(storage_path, "s3run")
     common = ["train.num_workers=1", "train.save_steps=10", "train.max_failures=0", f"run.storage_path={storage_path}"]
     monkeypatch.setenv("RAYFT_STAGING_DIR", str(tmp_path / "staging-1"))
-    cfg = tiny_sft_config(assets, tmp_path, "s3run", [*common, "train.max_steps=40"])
+    cfg = tiny_sft_config(assets, tmp_path, "s3run", [*common, "train.max_steps=60"])
     th, box = _run_in_thread(lambda: run_sft(cfg))
-    _kill_a_worker_when(run_dir_of(cfg), min_step=15)
+    # killed once Ray Train has registered a checkpoint (uploaded is not enough: a worker killed between the
+    # upload and the registration leaves nothing to resume from, and on a fast machine that gap is a few steps)
+    deadline = time.time() + 240
+    while registered_step(run_uri) is None and th.is_alive() and time.time() < deadline:
+        time.sleep(0.05)
+    _kill_a_worker_when(run_dir_of(cfg), min_step=12)
     th.join(timeout=300)
-    assert "error" in box, "the run should have failed without retries"
+    assert "error" in box, "the run should have failed without retries (it ended before the kill?)"
     assert storage.has_dir(run_uri, "checkpoint_"), "Ray Train checkpoints in the bucket"
-    # the bucket's metrics end at the last checkpoint (pushed with it): where a resume has to start
-    checkpointed = max(json.loads(ln)["step"] for ln in read_s3(run_uri, "metrics.jsonl").decode().splitlines())
-    assert checkpointed in (10, 20, 30)
+    # the bucket's metrics end at the last uploaded checkpoint (pushed with it); a resume has to start from the
+    # last registered one
+    checkpointed = registered_step(run_uri)
+    uploaded = max(json.loads(ln)["step"] for ln in read_s3(run_uri, "metrics.jsonl").decode().splitlines())
+    assert checkpointed in (10, 20, 30, 40, 50) and uploaded >= checkpointed, (checkpointed, uploaded)
 
     # a changed config is refused from what the bucket holds (config.yaml, checkpoints), not from local files
     monkeypatch.setenv("RAYFT_STAGING_DIR", str(tmp_path / "staging-2"))
-    changed = tiny_sft_config(assets, tmp_path, "s3run", [*common, "train.max_steps=50", "train.lr=1e-3"])
+    changed = tiny_sft_config(assets, tmp_path, "s3run", [*common, "train.max_steps=70", "train.lr=1e-3"])
     with pytest.raises(ConfigError, match=r"already has checkpoints in s3://rayft-test/runs/s3run.*train\.lr"):
         run_sft(changed)
 
     monkeypatch.setenv("RAYFT_STAGING_DIR", str(tmp_path / "staging-3"))
-    result = run_sft(tiny_sft_config(assets, tmp_path, "s3run", [*common, "train.max_steps=50"]))
+    result = run_sft(tiny_sft_config(assets, tmp_path, "s3run", [*common, "train.max_steps=70"]))
     assert result.run_dir.is_relative_to(tmp_path / "staging-3")
     attempts = [json.loads(ln)["start_step"] for ln in read_s3(run_uri, "attempts.jsonl").decode().splitlines()]
     assert attempts == [0, checkpointed], "the resubmission must resume from the bucket's checkpoint, not from 0"
     steps = [json.loads(ln)["step"] for ln in read_s3(run_uri, "metrics.jsonl").decode().splitlines()]
-    assert steps == [0, *range(5, 51, 5)], "every logging step exactly once, across the two attempts"
-    assert json.loads(read_s3(run_uri, "summary.json"))["metrics"]["step"] == 50
+    assert steps == [0, *range(5, 71, 5)], "every logging step exactly once, across the two attempts"
+    assert json.loads(read_s3(run_uri, "summary.json"))["metrics"]["step"] == 70
     assert read_s3(run_uri, "loss_curve.png")[:4] == b"\x89PNG"
     assert read_s3(run_uri, "config.yaml") == (result.run_dir / "config.yaml").read_bytes()
     fs, path = storage.open_fs(run_uri)
     events = fs.get_file_info(pafs.FileSelector(f"{path}/tensorboard"))
     assert len(events) == 2, "one TensorBoard events file per attempt"
-    assert read_jsonl(result.run_dir / "metrics.jsonl")[-1]["step"] == 50
+    assert read_jsonl(result.run_dir / "metrics.jsonl")[-1]["step"] == 70
 
     adapter_dir, manifest = artifacts.resolve(str(tmp_path / "adapters"), "s3run")
     assert adapter_dir == result.adapter_dir and (adapter_dir / "adapter_model.safetensors").exists()
-    assert manifest.metrics["step"] == 50 and manifest.source["run_dir"] == storage.shown(run_uri)
+    assert manifest.metrics["step"] == 70 and manifest.source["run_dir"] == storage.shown(run_uri)
