@@ -50,7 +50,7 @@ def dpo_run(assets, tiny_sft, ray_local, tmp_path_factory) -> DPORun:
     cfg = dpo_config(assets, tiny_sft, tmp, "dpo", ["train.max_failures=0", "dpo.precompute_ref_logps=true",
                                                     "train.eval_steps=60"])
     th, box = _run_in_thread(lambda: run_preference(cfg))
-    _kill_a_worker_when(tmp / "runs" / "dpo", min_step=25)
+    _kill_a_worker_when(tmp / "runs" / "dpo", min_step=25, checkpoint=20)
     th.join(timeout=600)
     assert "error" in box, "the run should have failed without retries"
     failed = train_losses(tmp / "runs" / "dpo")

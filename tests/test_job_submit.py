@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_sft_ray import _registered_checkpoint
 
 from rayft.runs import STATE_FILE, read_jsonl, read_metrics
 
@@ -243,7 +244,8 @@ def _source_zip(dest: Path) -> Path:
 def _wait_for_checkpoint(run_dir: Path, min_step: int, job: str, h: Head, timeout: float = 240) -> None:
     deadline, next_status = time.time() + timeout, time.time() + 5
     while time.time() < deadline:
-        if any(run_dir.glob("checkpoint_*")) and any(r["step"] >= min_step for r in read_metrics(run_dir)):
+        # registered by Ray Train, not only written: a job stopped in between resumes from nothing newer
+        if (_registered_checkpoint(run_dir) or 0) >= 10 and any(r["step"] >= min_step for r in read_metrics(run_dir)):
             return
         if time.time() > next_status:  # a job that failed early: say so now, not at the deadline
             if h.state(job) in ENDED:

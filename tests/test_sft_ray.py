@@ -143,14 +143,28 @@ def test_zero3_learns_and_saves_full_adapter(zero3):
     _assert_adapter_reproduces_training(cfg, result)
 
 
-def _kill_a_worker_when(run_dir: Path, min_step: int, timeout: float = 240) -> int:
-    """SIGKILL one Ray Train worker process once the metrics file shows ``min_step``; returns its pid."""
+def _registered_checkpoint(run_dir: Path) -> int | None:
+    """The step of the last checkpoint Ray Train has registered for a run (its checkpoint manager's snapshot in
+    the run's storage directory), None before the first."""
+    try:
+        latest = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text()).get("latest_checkpoint_result")
+    except (OSError, ValueError):  # not written yet, or being written
+        return None
+    return latest["metrics"].get("step") if latest else None
+
+
+def _kill_a_worker_when(run_dir: Path, min_step: int, timeout: float = 240, checkpoint: int | None = None) -> int:
+    """SIGKILL one Ray Train worker process once the metrics file shows ``min_step`` and, if given, Ray Train
+    has registered the step-``checkpoint`` checkpoint; returns its pid. (A checkpoint is uploaded, then
+    registered by the controller: a worker killed in between leaves the resume nothing newer to start from,
+    and on a fast machine the run is then only a few steps past it.)"""
     from ray.util.state import list_actors
 
     deadline = time.time() + timeout
     while time.time() < deadline:
         path = run_dir / "metrics.jsonl"
-        if path.exists() and any(r.get("step", 0) >= min_step for r in read_metrics(run_dir)):
+        if path.exists() and any(r.get("step", 0) >= min_step for r in read_metrics(run_dir)) and (
+                checkpoint is None or (_registered_checkpoint(run_dir) or 0) >= checkpoint):
             import ray
 
             # name this session's cluster: auto-detection fails when another Ray runs on the machine
@@ -205,7 +219,7 @@ def test_worker_killed_mid_run_resumes_without_losing_or_repeating_steps(tiny_sf
                                                         "train.max_failures=2", f"run.mlflow.tracking_uri={uri}",
                                                         "run.wandb.mode=offline"])
     th, box = _run_in_thread(lambda: run_sft(cfg))
-    _kill_a_worker_when(tmp_path / "runs" / "killed", min_step=25)
+    _kill_a_worker_when(tmp_path / "runs" / "killed", min_step=25, checkpoint=20)
     th.join(timeout=600)
     assert "error" not in box, box.get("error")
     result = box["result"]
@@ -238,7 +252,7 @@ def test_resubmitting_a_failed_run_resumes_it(zero3, assets, tmp_path):
     cfg = tiny_sft_config(assets, tmp_path, "resubmit", [*ZERO3, "train.max_failures=0"])
     plan, _ = make_plan(cfg, [len(r.input_ids) for r in tokenize(cfg)[0]["train"]])
     th, box = _run_in_thread(lambda: run_sft(cfg))
-    _kill_a_worker_when(tmp_path / "runs" / "resubmit", min_step=45)
+    _kill_a_worker_when(tmp_path / "runs" / "resubmit", min_step=45, checkpoint=40)
     th.join(timeout=600)
     assert "error" in box, "the run should have failed without retries"
     starts = _attempt_starts(tmp_path / "runs" / "resubmit")
