@@ -314,12 +314,13 @@ class EngineCore:
         oldest has waited ``wait_ms`` or they fill the free rows. None while an adapter load waits."""
         if self._loads_waiting or not self._queue or not free:
             return []
-        queued = sum(len(j.rows) for j in self._queue)
-        if queued < free and time.monotonic() - self._queue[0].queued_at < self.cfg.batching.wait_ms / 1000:
-            return []
         first, taken = batch[0], []
         k = max(job.req.top_logprobs for job in batch)
         with self._queue_lock:
+            queued = sum(len(j.rows) for j in self._queue)
+            if not queued or (queued < free and
+                              time.monotonic() - self._queue[0].queued_at < self.cfg.batching.wait_ms / 1000):
+                return []
             while self._queue:
                 job = self._queue[0]
                 if job.cancelled:
