@@ -302,11 +302,14 @@ class TransformersEngine:
                     live, cache = [], None
                 if new:
                     first = len(tokens)
-                    for row in new:
-                        tokens.append([]), logprobs.append([]), tops.append([]), reasons.append(None)
-                        stopped.append(False), min_tokens.append(row.min_tokens), ignore_eos.append(row.ignore_eos)
-                        if gens is not None:
-                            gens.append(torch.Generator().manual_seed(row.seed))
+                    for per_row_list in (tokens, logprobs, tops):
+                        per_row_list += [[] for _ in new]
+                    reasons += [None] * len(new)
+                    stopped += [False] * len(new)
+                    min_tokens += [row.min_tokens for row in new]
+                    ignore_eos += [row.ignore_eos for row in new]
+                    if gens is not None:
+                        gens += [torch.Generator().manual_seed(row.seed) for row in new]
                     names = None
                     if row_adapters is not None:
                         names = [row.adapter or BASE_ADAPTER for row in new]

@@ -143,14 +143,22 @@ def test_zero3_learns_and_saves_full_adapter(zero3):
     _assert_adapter_reproduces_training(cfg, result)
 
 
-def _registered_checkpoint(run_dir: Path) -> int | None:
-    """The step of the last checkpoint Ray Train has registered for a run (its checkpoint manager's snapshot in
-    the run's storage directory), None before the first."""
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
+
+
+def _snapshot_step(read) -> int | None:
+    """The step of the last checkpoint in Ray Train's checkpoint-manager snapshot (``read()`` returns its text),
+    None before the first."""
     try:
-        latest = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text()).get("latest_checkpoint_result")
+        latest = json.loads(read()).get("latest_checkpoint_result")
     except (OSError, ValueError):  # not written yet, or being written
         return None
     return latest["metrics"].get("step") if latest else None
+
+
+def _registered_checkpoint(run_dir: Path) -> int | None:
+    """The step of the last checkpoint Ray Train has registered for a run in a local storage directory."""
+    return _snapshot_step((run_dir / CHECKPOINT_SNAPSHOT).read_text)
 
 
 def _kill_a_worker_when(run_dir: Path, min_step: int, timeout: float = 240, checkpoint: int | None = None) -> int:

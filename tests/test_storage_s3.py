@@ -70,14 +70,10 @@ def read_s3(uri: str, name: str) -> bytes:
 
 
 def registered_step(run_uri: str) -> int | None:
-    """The step of the last checkpoint Ray Train registered for the run (its checkpoint manager's snapshot in
-    the bucket), None before the first."""
-    try:
-        snapshot = json.loads(read_s3(run_uri, "checkpoint_manager_snapshot.json"))
-    except OSError:  # not written yet (pyarrow raises FileNotFoundError, an OSError)
-        return None
-    latest = snapshot.get("latest_checkpoint_result")
-    return latest["metrics"]["step"] if latest else None
+    """The step of the last checkpoint Ray Train registered for the run (its snapshot in the bucket)."""
+    from test_sft_ray import CHECKPOINT_SNAPSHOT, _snapshot_step
+
+    return _snapshot_step(lambda: read_s3(run_uri, CHECKPOINT_SNAPSHOT))
 
 
 def test_path_helpers():
