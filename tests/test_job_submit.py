@@ -262,7 +262,9 @@ def _checkpoint_steps(run_dir: Path) -> list[int]:
 
 
 def _progress_steps(logs: str, name: str) -> list[int]:
-    return [int(s) for s in re.findall(rf"^sft {re.escape(name)}: step (\d+)/{STEPS} ", logs, flags=re.M)]
+    # not anchored at the line's start: with RAYFT_VERBOSE=1 the workers' forwarded output shares the driver's
+    # stdout, and a progress line can land after a worker's partial line
+    return [int(s) for s in re.findall(rf"sft {re.escape(name)}: step (\d+)/{STEPS} ", logs)]
 
 
 def test_submitted_job_stopped_after_a_checkpoint_resumes_when_submitted_again(head, assets):
