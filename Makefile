@@ -39,7 +39,7 @@ test: install
 	$(BIN)/python -m pytest -q --durations=25 tests
 
 test-multinode: install
-	RAYFT_MULTINODE=1 $(BIN)/python -m pytest -q tests/test_multinode_ray.py
+	$(BIN)/python -m pytest -q tests/test_multinode_ray.py
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not ray and not gpu and not slow" tests
