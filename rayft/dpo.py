@@ -66,7 +66,8 @@ def objective_for(cfg: PreferenceConfig, data):
     return PairwiseRewardObjective(data, center_coef=cfg.reward.center_coef)
 
 
-def build_trainer(cfg: PreferenceConfig, prepared: sft.Prepared, *, callbacks: list | None = None, progress=None):
+def build_trainer(cfg: PreferenceConfig, prepared: sft.Prepared, *, callbacks: list | None = None, progress=None,
+                  report_logs: bool = False):
     """A Ray Train ``TorchTrainer`` for this config (same run name and storage: resumes, as for SFT)."""
     import ray
 
@@ -86,7 +87,7 @@ def build_trainer(cfg: PreferenceConfig, prepared: sft.Prepared, *, callbacks: l
                     train_all=EvalShards.put(rows["train"], t.num_workers) if precompute else None,
                     n_train=len(rows["train"]), shared_prompt=supports_shared_prompts(cfg.model))
     return sft.torch_trainer(cfg, prepared, objective_for(cfg, data), plan, total_steps, callbacks=callbacks,
-                             progress=progress)
+                             progress=progress, report_logs=report_logs)
 
 
 def register_result(cfg: PreferenceConfig, result, *, name: str | None = None, source: dict | None = None,

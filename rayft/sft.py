@@ -127,7 +127,8 @@ def resolve_init_adapter(cfg: TrainingJobConfig) -> str | None:
     return str(path)
 
 
-def build_trainer(cfg: SFTConfig, prepared: Prepared, *, callbacks: list | None = None, progress=None):
+def build_trainer(cfg: SFTConfig, prepared: Prepared, *, callbacks: list | None = None, progress=None,
+                  report_logs: bool = False):
     """A Ray Train ``TorchTrainer`` for this config. Re-creating it with the same run name and storage path
     resumes the run from its last checkpoint (Ray Train V2 semantics)."""
     import ray
@@ -143,11 +144,12 @@ def build_trainer(cfg: SFTConfig, prepared: Prepared, *, callbacks: list | None 
                    test=EvalShards.put(rows["test"], t.num_workers) if len(rows["test"]) else None,
                    n_test=len(rows["test"]),
                    world=t.num_workers, micro_batch_size=t.micro_batch_size, pad_id=prepared.pad_token_id)
-    return torch_trainer(cfg, prepared, SFTObjective(data), plan, total_steps, callbacks=callbacks, progress=progress)
+    return torch_trainer(cfg, prepared, SFTObjective(data), plan, total_steps, callbacks=callbacks, progress=progress,
+                         report_logs=report_logs)
 
 
 def torch_trainer(cfg: TrainingJobConfig, prepared: Prepared, objective, plan: Plan, total_steps: int, *,
-                  callbacks: list | None = None, progress=None):
+                  callbacks: list | None = None, progress=None, report_logs: bool = False):
     """The ``TorchTrainer`` running :func:`rayft.train_loop.train_loop_per_worker` with ``objective`` (and
     its data): what every Ray Train job (SFT, DPO, reward model) builds the same way."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -156,9 +158,9 @@ def torch_trainer(cfg: TrainingJobConfig, prepared: Prepared, objective, plan: P
     from rayft.train_loop import LoopConfig, train_loop_per_worker
 
     # Ray Train V2 workers hand each report to the controller through a one-slot queue that the controller
-    # drains when it polls them, every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default: 2 s). Reporting
-    # every logging step, a worker waits up to that long per report: the tiny 60-step run took 78 s at 2 s,
-    # 29 s at 0.5 s and 20 s at 0.25 s (3.5 s of it training). The driver's value reaches the controller
+    # drains when it polls them, every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default: 2 s). A worker waits
+    # up to that long per report: reporting every logging step, the tiny 60-step run took 78 s at 2 s, 29 s at
+    # 0.5 s and 20 s at 0.25 s (3.5 s of it training); plain logging steps no longer report (LoopConfig). The driver's value reaches the controller
     # (Ray Train propagates it); an explicit setting in the environment wins.
     os.environ.setdefault(POLL_ENV, POLL_DEFAULT_S)
     t = cfg.train
@@ -168,7 +170,8 @@ def torch_trainer(cfg: TrainingJobConfig, prepared: Prepared, objective, plan: P
     storage.push(run_location(cfg), run_dir, DRIVER_FILES)  # config.yaml, data_stats.json: for a URI's storage
     loop = LoopConfig(config=dump_config(cfg), config_cls=type(cfg), objective=objective, total_steps=total_steps,
                       run_dir=str(run_dir), run_location=run_location(cfg), init_adapter=resolve_init_adapter(cfg),
-                      pad_token_id=prepared.pad_token_id, progress=progress, epoch_of=plan.epoch_of)
+                      pad_token_id=prepared.pad_token_id, progress=progress, epoch_of=plan.epoch_of,
+                      report_logs=report_logs)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"loop": loop},

@@ -9,8 +9,9 @@ trials cannot fit is refused before anything starts, instead of waiting forever.
 
 Decisions worth knowing:
 
-* Only reports that carry the sweep metric reach Tune (the training loop reports train loss at logging steps
-  and eval loss at eval steps): with ``metric: eval_loss`` ASHA decides on eval losses only. A test set's loss
+* Only reports that carry the sweep metric reach Tune (the training loop reports eval loss at eval steps, and
+  train loss at logging steps only when the sweep ranks on it): with ``metric: eval_loss`` ASHA decides on eval
+  losses only. A test set's loss
   is evaluated once, in the final report: the table shows it for finished trials, selection never uses it.
   The full curves of every trial stay in its own ``metrics.jsonl``.
 * ASHA counts optimizer steps (``time_attr="step"``). Its rungs sit strictly below the trial length and it
@@ -225,7 +226,8 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
     save_config(cfg, run_dir / CONFIG_FILE)
     prepared = setup.prepared or driver.prepare(cfg)
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")  # the run shows on the dashboard's Train page
-    result = driver.build_trainer(cfg, prepared, callbacks=[_metric_reports(setup.metric)]).fit()
+    result = driver.build_trainer(cfg, prepared, callbacks=[_metric_reports(setup.metric)],
+                                  report_logs=not setup.metric.startswith("eval_")).fit()
     (run_dir / TRIAL_RESULT).write_text(json.dumps({
         "trial_id": trial_id, "params": params, "metrics": result.metrics,
         "checkpoint": result.checkpoint.path if result.checkpoint else None}, indent=2, default=str))

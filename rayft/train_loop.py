@@ -46,6 +46,10 @@ class LoopConfig:
     pad_token_id: int | None = None
     progress: Any = None  # ray.util.queue.Queue read by the driver's display (rank 0 writes), or None
     epoch_of: Any = None  # step -> fractional epoch, for the metrics
+    # ray.train.report at plain logging steps too (eval, checkpoint and final reports always go). Each report is
+    # a barrier across workers plus a wait for the controller's poll; only a sweep ranking trials on a training
+    # metric reads these (metrics.jsonl, TensorBoard, trackers and the progress display get every record).
+    report_logs: bool = False
 
 
 @dataclass
@@ -165,7 +169,8 @@ class Loop:
             record = self.step_metrics(window, self.evaluate() if do_eval else {})
             last, window = record, Window({})
             self.log(record)
-            self.report(record, checkpoint=do_save)
+            if do_eval or do_save or self.lc.report_logs:
+                self.report(record, checkpoint=do_save)
         if self.metrics_file is not None:
             self.metrics_file.close()
             self.push()
