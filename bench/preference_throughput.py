@@ -14,7 +14,8 @@ pair); TRL 1.16 has no such option, so it runs two rows per pair.
 1. a **pilot** runs each candidate once and keeps each tool's fastest: TRL's per-device batch x accumulation
    splits of the same pairs per step (DPO also padding-free); rayft's same splits (one micro-batch per worker
    per step, or two accumulated) in 1 worker x 2 threads or 2 workers x 1 thread (the split does not change
-   the maths: the engine normalises by the global pair count);
+   the maths: the engine normalises by the global pair count), each under DeepSpeed ZeRO-2 (the default) and
+   stage 0 (no partitioning: one worker has nothing to partition; two all-reduce whole gradients);
 2. **interleaved repeats** of the two fastest configurations give each tool's **median** pairs/s, its spread
    (min, max) and **start-up** (process start to the first optimizer step's start), and the ratio of medians.
 
@@ -59,8 +60,8 @@ class Job:
     pairs_per_step: int = 8
     max_seq_len: int = 256
     warmup: int = 10
-    measure: int = 30
-    logging_steps: int = 10  # both tools; warmup and measure are multiples of it (rayft reports at logging steps)
+    measure: int = 200  # 5-8 s: 30-step windows (under 1 s) moved the same configuration by 10-20% run to run
+    logging_steps: int = 10  # both tools; warmup and measure are multiples of it (rayft's records are per log)
     precompute: bool = False
     lr: float = 1e-3
     seed: int = 0
@@ -68,6 +69,7 @@ class Job:
     threads: int = 2
     trl: dict = field(default_factory=dict)  # per_device, grad_accum, padding_free
     micro: int = 0  # rayft: pairs per micro-batch per worker (0: a step's pairs per worker in one micro-batch)
+    stage: int = 2  # rayft: DeepSpeed ZeRO stage
 
     @property
     def total_steps(self) -> int:
@@ -157,6 +159,7 @@ def rayft_run(job: Job) -> dict:
                   "weight_decay": 0.0, "max_grad_norm": 1.0, "max_steps": job.total_steps,
                   "logging_steps": job.logging_steps,
                   "eval_steps": 10**9, "save_steps": 10**9, "max_failures": 0, "seed": job.seed},
+        "deepspeed": {"stage": job.stage},
         "run": {"name": f"bench-{os.getpid()}", "storage_path": str(Path(job.out_dir) / "runs"),
                 "registry": str(Path(job.out_dir) / "adapters"), "progress": False},
         **extra})
@@ -200,8 +203,8 @@ def trl_candidates(kind: str, pairs: int) -> list[dict]:
 
 def rayft_candidates(pairs: int) -> list[dict]:
     """The same splits of a step's pairs as TRL's (one micro-batch, or two accumulated), in 1 worker x 2
-    threads or 2 workers x 1 thread (``micro`` is per worker)."""
-    return [{"workers": w, "micro": pairs // w // a} for w in (1, 2) for a in (1, 2)]
+    threads or 2 workers x 1 thread (``micro`` is per worker), under ZeRO-2 and stage 0."""
+    return [{"workers": w, "micro": pairs // w // a, "stage": s} for w in (1, 2) for a in (1, 2) for s in (2, 0)]
 
 
 def spread(values: list[float]) -> dict:
