@@ -12,6 +12,10 @@ import os
 import socket
 import time
 
+# Ports a local Ray takes by default for its own components whatever the dashboard's port: a dashboard port
+# picked at random must avoid them (52365, the dashboard agent's, once failed a benchmark run's ray.init).
+RAY_FIXED_PORTS = frozenset({6379, 8265, 10001, 52365})
+
 
 def verbose() -> bool:
     return os.environ.get("RAYFT_VERBOSE") == "1"
@@ -22,6 +26,16 @@ def job_env_vars() -> dict[str, str]:
     The job supervisor hands the job's config to its driver in RAY_JOB_CONFIG_JSON_ENV_VAR."""
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
     return (job.get("runtime_env") or {}).get("env_vars") or {}
+
+
+def free_port(avoid: frozenset[int] = frozenset()) -> int:
+    """A TCP port free on 127.0.0.1 now, not one of ``avoid``."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in avoid:
+            return port
 
 
 def init_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = None,
@@ -53,9 +67,7 @@ def init_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = None
         env = {k: v for k, v in env.items() if k not in job_env_vars()}
         ray.init(log_to_driver=to_driver, runtime_env={"env_vars": env} if env else None)
     else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port(avoid=RAY_FIXED_PORTS)
         env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_port=port, log_to_driver=to_driver,
                  runtime_env={"env_vars": env})

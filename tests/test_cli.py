@@ -100,3 +100,33 @@ def test_resubmission_with_a_changed_config_exits_2_listing_the_fields(assets, t
     p = run_job(*args, "--set", "train.lr=1e-3", "--set", "finetune.lora.r=8", "--set", "train.max_steps=90")
     line = _one_line_error(p, "train.lr: 0.003 -> 0.001", "finetune.lora.r: 16 -> 8")
     assert "max_steps:" not in line and "set run.name to a new name" in line
+
+
+def test_the_local_dashboard_port_is_never_one_ray_takes_for_itself(monkeypatch):
+    """A local start picks the dashboard's port at random; 52365 (the dashboard agent's fixed port) once came up
+    and ray.init refused to start. The socket below hands out that port first."""
+    import rayft.cluster as cluster
+
+    offered = []
+
+    class Socket:
+        def __init__(self):
+            self.port = 52365 if not offered else 40001
+            offered.append(self.port)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, address):
+            pass
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(cluster.socket, "socket", Socket)
+    assert cluster.free_port(avoid=cluster.RAY_FIXED_PORTS) == 40001 and offered == [52365, 40001]
+    offered.clear()
+    assert cluster.free_port() == 52365
