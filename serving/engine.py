@@ -124,7 +124,7 @@ class EngineCore:
         self._next = 0
         self._model_lock = threading.Lock()  # a batch, or an adapter load/delete: never two at once
         self._loads_waiting = 0  # adapter loads waiting for the model lock: the running decode admits no more
-        self._queue_lock = threading.Lock()  # the queue: the event loop adds, the decode thread admits
+        self._queue_lock = threading.Lock()  # the queue (the event loop adds, the decode thread admits), the count
         self._queue: list[_Job] = []
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -152,7 +152,8 @@ class EngineCore:
             served = served_adapter(self.cfg.registry, name, self.base, version or None)
         except KeyError as e:
             raise APIError(404, str(e).strip("'\""), param="model", code="model_not_found") from None
-        self._loads_waiting += 1  # the running decode admits no more requests, so the model comes free
+        with self._queue_lock:  # loads run in worker threads (asyncio.to_thread): += is not atomic across them
+            self._loads_waiting += 1  # the running decode admits no more requests, so the model comes free
         try:
             with self._model_lock:
                 self._doomed.discard(load_id)
@@ -163,7 +164,8 @@ class EngineCore:
                     self.resident[load_id] = peft_name
                     log.info("loaded adapter %s as %s", load_id, peft_name)
         finally:
-            self._loads_waiting -= 1
+            with self._queue_lock:
+                self._loads_waiting -= 1
         return Resident(self, load_id)
 
     def release(self, load_id: str) -> None:
