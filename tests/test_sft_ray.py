@@ -161,18 +161,21 @@ def _registered_checkpoint(run_dir: Path) -> int | None:
     return _snapshot_step((run_dir / CHECKPOINT_SNAPSHOT).read_text)
 
 
-def _kill_a_worker_when(run_dir: Path, min_step: int, timeout: float = 240, checkpoint: int | None = None) -> int:
+def _kill_a_worker_when(run_dir: Path, min_step: int, timeout: float = 240, checkpoint: int | None = None,
+                        registered=None) -> int:
     """SIGKILL one Ray Train worker process once the metrics file shows ``min_step`` and, if given, Ray Train
     has registered the step-``checkpoint`` checkpoint; returns its pid. (A checkpoint is uploaded, then
     registered by the controller: a worker killed in between leaves the resume nothing newer to start from,
-    and on a fast machine the run is then only a few steps past it.)"""
+    and on a fast machine the run is then only a few steps past it.) ``registered()`` reads the registered
+    step where the run's storage is not ``run_dir`` (default: its local snapshot)."""
     from ray.util.state import list_actors
 
+    registered = registered or (lambda: _registered_checkpoint(run_dir))
     deadline = time.time() + timeout
     while time.time() < deadline:
         path = run_dir / "metrics.jsonl"
         if path.exists() and any(r.get("step", 0) >= min_step for r in read_metrics(run_dir)) and (
-                checkpoint is None or (_registered_checkpoint(run_dir) or 0) >= checkpoint):
+                checkpoint is None or (registered() or 0) >= checkpoint):
             import ray
 
             # name this session's cluster: auto-detection fails when another Ray runs on the machine

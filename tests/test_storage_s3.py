@@ -157,10 +157,7 @@ def test_sft_on_s3_resumes_from_the_bucket_and_registers(s3_endpoint, assets, ra
     th, box = _run_in_thread(lambda: run_sft(cfg))
     # killed once Ray Train has registered a checkpoint (uploaded is not enough: a worker killed between the
     # upload and the registration leaves nothing to resume from, and on a fast machine that gap is a few steps)
-    deadline = time.time() + 240
-    while registered_step(run_uri) is None and th.is_alive() and time.time() < deadline:
-        time.sleep(0.05)
-    _kill_a_worker_when(run_dir_of(cfg), min_step=12)
+    _kill_a_worker_when(run_dir_of(cfg), min_step=12, checkpoint=10, registered=lambda: registered_step(run_uri))
     th.join(timeout=300)
     assert "error" in box, "the run should have failed without retries (it ended before the kill?)"
     assert storage.has_dir(run_uri, "checkpoint_"), "Ray Train checkpoints in the bucket"
