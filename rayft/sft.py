@@ -160,8 +160,8 @@ def torch_trainer(cfg: TrainingJobConfig, prepared: Prepared, objective, plan: P
     # Ray Train V2 workers hand each report to the controller through a one-slot queue that the controller
     # drains when it polls them, every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default: 2 s). A worker waits
     # up to that long per report: reporting every logging step, the tiny 60-step run took 78 s at 2 s, 29 s at
-    # 0.5 s and 20 s at 0.25 s (3.5 s of it training); plain logging steps no longer report (LoopConfig). The driver's value reaches the controller
-    # (Ray Train propagates it); an explicit setting in the environment wins.
+    # 0.5 s and 20 s at 0.25 s (3.5 s of it training); plain logging steps no longer report (LoopConfig). The
+    # driver's value reaches the controller (Ray Train propagates it); an explicit setting in the environment wins.
     os.environ.setdefault(POLL_ENV, POLL_DEFAULT_S)
     t = cfg.train
     run_dir = run_dir_of(cfg)

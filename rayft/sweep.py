@@ -11,8 +11,8 @@ Decisions worth knowing:
 
 * Only reports that carry the sweep metric reach Tune (the training loop reports eval loss at eval steps, and
   train loss at logging steps only when the sweep ranks on it): with ``metric: eval_loss`` ASHA decides on eval
-  losses only. A test set's loss
-  is evaluated once, in the final report: the table shows it for finished trials, selection never uses it.
+  losses only. A test set's loss is evaluated once, in the final report: the table shows it for finished
+  trials, selection never uses it.
   The full curves of every trial stay in its own ``metrics.jsonl``.
 * ASHA counts optimizer steps (``time_attr="step"``). Its rungs sit strictly below the trial length and it
   never stops a trial at the end (``stop_last_trials=False``): a decision there would only kill the artifact
