@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_sft_config
 
+from rayft.cluster import free_port
 from rayft.engine import Engine
 from rayft.objectives import SFTObjective, rows_batch
 from rayft.schedule import Plan
@@ -78,9 +78,7 @@ def test_two_workers_match_one_worker_accumulating_the_same_rows(dist_group, ass
     rows = _rows(assets)
     common = ["deepspeed.stage=2", "train.warmup_ratio=0", f"train.micro_batch_size={MICRO_BATCH}",
               "data.packing=false"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     dp_cfg = tiny_sft_config(assets, tmp_path, "dp2", [*common, "train.num_workers=2", "train.grad_accum=1"])
     ga_cfg = tiny_sft_config(assets, tmp_path, "ga2", [*common, "train.num_workers=1", "train.grad_accum=2"])
     # the step whose two micro-batches differ most in label tokens: there the per-worker mean is checked

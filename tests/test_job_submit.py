@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import pytest
 import yaml
 from test_sft_ray import _registered_checkpoint
 
+from rayft.cluster import free_port
 from rayft.runs import STATE_FILE, read_jsonl, read_metrics
 
 pytestmark = pytest.mark.ray
@@ -156,11 +156,6 @@ class Head:
         return status
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _own_processes(tmp: Path) -> list[int]:
     """Processes of this head: their command line or working directory names its temp dir (job drivers run in
@@ -182,7 +177,7 @@ def _own_processes(tmp: Path) -> list[int]:
 @pytest.fixture(scope="module")
 def head():
     tmp = Path(tempfile.mkdtemp(prefix="rayft-head-", dir="/tmp"))  # short: Ray's socket paths fit 107 bytes
-    ports = {name: _free_port() for name in PORTS}
+    ports = {name: free_port() for name in PORTS}
     # `python` in an entrypoint is the cluster's python: here the venv's, as on a node where it is installed
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "RAY_AUTH_MODE": "token"}

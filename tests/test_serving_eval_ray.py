@@ -8,13 +8,14 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from rayft.cluster import free_port
 
 pytestmark = pytest.mark.ray
 
@@ -23,11 +24,6 @@ EXAMPLES = 24
 MAX_TOKENS = 32
 KEY = "eval-test-key"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import requests
 import torch
 
 from rayft import artifacts
+from rayft.cluster import free_port
 
 pytestmark = pytest.mark.ray
 
@@ -66,11 +66,6 @@ def register_copy(src: Path, registry: Path, name: str, tmp: Path, seed: int | N
     source = perturbed_copy(src, tmp / name, seed) if seed is not None else src
     return artifacts.register(source, registry, manifest.model_copy(update={"name": name, "version": ""}))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

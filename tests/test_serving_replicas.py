@@ -3,12 +3,13 @@ requests that were on it, and no client sees a 5xx other than 503 with Retry-Aft
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import pytest
 import requests
+
+from rayft.cluster import free_port
 
 pytestmark = pytest.mark.ray
 
@@ -22,9 +23,7 @@ def two_replicas(ray_local, assets):
     from rayft.serving.app import build
     from rayft.serving.config import ServeConfig
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cfg = ServeConfig.model_validate({
         "model": {"name_or_path": str(assets["model"])}, "http": {"port": port}, "app_name": APP,
         "limits": {"request_timeout_s": 60}, "batching": {"wait_ms": 10},

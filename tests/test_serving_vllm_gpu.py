@@ -14,6 +14,7 @@ vllm = pytest.importorskip("vllm")
 
 from test_rl_rollout import QUESTIONS, chat_prompts, lora_dir  # noqa: E402, F401
 
+from rayft.cluster import free_port  # noqa: E402
 from rayft.rl.records import Sampling  # noqa: E402
 from rayft.rl.rollout import TransformersEngine  # noqa: E402
 from rayft.serving.vllm_config import AdapterRefused  # noqa: E402
@@ -88,7 +89,6 @@ def test_the_app_with_engine_vllm_serves_the_base_and_an_adapter_over_http(ray_l
     """``engine: vllm`` in the serve config: the Engine replica builds VLLMCore (vLLM imported there only); greedy
     completions over HTTP equal the in-process vLLM engine's, echo scoring works, and an adapter registered
     later above the rank fixed at start is refused with a 400 naming vllm.max_lora_rank."""
-    import socket
 
     import requests
     from peft import LoraConfig, get_peft_model
@@ -103,9 +103,7 @@ def test_the_app_with_engine_vllm_serves_the_base_and_an_adapter_over_http(ray_l
     base = str(assets["model"])
     artifacts.register(lora_dir, registry, artifacts.Manifest(name="tiny-lora", kind="adapter", base_model=base,
                                                               lora_rank=4))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cfg = ServeConfig.model_validate({
         "model": model_cfg(assets), "registry": str(registry), "engine": "vllm", "device": "cuda", "vllm": SECTION,
         "limits": {"max_model_len": 512}, "deployment": {"num_gpus": 1, "num_cpus": 0}, "app_name": "rayft-vllm-test",

@@ -21,6 +21,7 @@ import pytest
 from conftest import tiny_sft_config
 
 from rayft import storage
+from rayft.cluster import free_port
 from rayft.config import ConfigError, SFTConfig, load_config
 from rayft.runs import read_jsonl
 
@@ -33,9 +34,7 @@ def s3_endpoint():
     """``host:port`` of a moto S3 server (a subprocess on 127.0.0.1, stopped by pid), with BUCKET created."""
     import pyarrow.fs as pafs
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -110,9 +109,7 @@ def test_push_and_pull_copy_the_named_files(s3_endpoint, tmp_path):
 def test_unusable_storage_fails_fast_naming_the_field(s3_endpoint, monkeypatch):
     """A missing bucket and a closed port are one-line errors naming run.storage_path, in seconds; endpoint
     and credentials from the environment (AWS_ENDPOINT_URL) work as well as in the URI."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
+    closed = free_port()
     cases = {s3_uri(s3_endpoint, "runs/x", bucket="no-such-bucket"): "bucket 'no-such-bucket' does not exist",
              s3_uri(f"127.0.0.1:{closed}", "runs/x"): "Could not connect"}
     for uri, why in cases.items():
