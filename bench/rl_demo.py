@@ -60,12 +60,12 @@ def evaluate(assets: dict, adapter: Path, n_eval: int, max_tokens: int) -> dict:
     return {**out, "eval_s": time.perf_counter() - t0}
 
 
-def run_sft(assets: dict, work: Path, name: str, extra: list[str]):
+def run_sft(assets: dict, work: Path, name: str, extra: list[str], train: Path):
     from rayft.config import SFTConfig, load_config
     from rayft.sft import run_sft as sft
 
     cfg = load_config(SFTConfig, ROOT / "configs" / "sft_tiny.yaml", [
-        *paths_overrides(assets, work, name), f"data.train={assets['train']}", f"data.eval={assets['eval']}",
+        *paths_overrides(assets, work, name), f"data.train={train}", f"data.eval={assets['eval']}",
         *extra])
     t0 = time.perf_counter()
     result = sft(cfg)
@@ -83,6 +83,9 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=DEMO_MODEL["hidden_size"], help="the demo model's hidden size")
     ap.add_argument("--layers", type=int, default=DEMO_MODEL["layers"], help="the demo model's layers")
     ap.add_argument("--pretrain-steps", type=int, default=DEMO_MODEL["pretrain_steps"])
+    ap.add_argument("--sft-demos", type=int, default=None,
+                    help="train the starting adapter and the control on the first N worked answers only; GRPO "
+                         "still gets every prompt (with its reference answer, not its worked answer)")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -98,11 +101,15 @@ def main() -> int:
     model_size = {"hidden_size": args.hidden, "layers": args.layers, "pretrain_steps": args.pretrain_steps}
     assets = build_assets(work / "assets", **model_size)
     assets_s = time.perf_counter() - t0
+    sft_data = assets["train"]
+    if args.sft_demos:
+        sft_data = work / "assets" / f"arith-demos-{args.sft_demos}.jsonl"
+        sft_data.write_text("".join(assets["train"].read_text().splitlines(keepends=True)[: args.sft_demos]))
     init_ray(2)
 
     sft_set = [*DEMO_SFT, *args.sft_set]
     grpo_set = [*DEMO_GRPO, *args.set]
-    sft, sft_wall, sft_cfg = run_sft(assets, work, "sft-tiny", sft_set)
+    sft, sft_wall, sft_cfg = run_sft(assets, work, "sft-tiny", sft_set, sft_data)
     grpo_cfg = load_config(RLConfig, ROOT / "configs" / "grpo_tiny.yaml", [
         *paths_overrides(assets, work, "grpo-tiny"), f"finetune.init_adapter={sft.adapter_dir}",
         f"prompts.source={assets['train']}", f"prompts.eval={assets['eval']}", *grpo_set])
@@ -119,7 +126,7 @@ def main() -> int:
     control_steps = max(1, round(sft_steps / train_s * (grpo_wall - overhead_s)))
     control, control_wall, _ = run_sft(assets, work, "sft-longer", [*sft_set,
         f"finetune.init_adapter={sft.adapter_dir}", f"train.max_steps={control_steps}",
-        f"train.eval_steps={control_steps}", f"train.save_steps={control_steps}"])
+        f"train.eval_steps={control_steps}", f"train.save_steps={control_steps}"], sft_data)
 
     max_tokens = grpo_cfg.sampling.max_tokens
     scores = {name: evaluate(assets, path, args.n_eval, max_tokens) for name, path in
@@ -141,6 +148,7 @@ def main() -> int:
                                            if steps else math.nan),
         "model": model_size,
         "sft_overrides": sft_set,
+        "sft_demos": args.sft_demos,
         "grpo_overrides": grpo_set,
         "machine": f"{os.cpu_count()} CPUs",
     }
@@ -160,6 +168,7 @@ def markdown(r: dict) -> str:
         return f"{100 * s[f'accuracy_{mode}']:.1f} ± {100 * s[f'accuracy_{mode}_se']:.1f}"
 
     w, st, m = r["wall_s"], r["steps"], r["model"]
+    demos = f"the first {r['sft_demos']} worked answers" if r.get("sft_demos") else "all worked answers"
     lines = [
         "# RL demo: tiny arithmetic task, SFT -> GRPO vs. SFT-longer for the same wall time",
         "",
@@ -176,7 +185,8 @@ def markdown(r: dict) -> str:
         f"{acc('sft_longer', 'lenient')} | {r['gain_points']['sft_longer']:+.1f} |",
         "",
         f"Model: hidden size {m['hidden_size']}, {m['layers']} layers, {m['pretrain_steps']} pretraining steps "
-        f"(`rayft.tiny`). SFT overrides (start and control) {r['sft_overrides'] or 'none'}; GRPO overrides "
+        f"(`rayft.tiny`). SFT data (start and control): {demos}; "
+        f"GRPO prompts: all of them. SFT overrides (start and control) {r['sft_overrides'] or 'none'}; GRPO overrides "
         f"{r['grpo_overrides'] or 'none'} (over `configs/sft_tiny.yaml`, `configs/grpo_tiny.yaml`).",
         "",
         f"GRPO: mean share of zero-variance groups {r['grpo_zero_variance_groups_mean']:.2f}. The control's step "
