@@ -87,6 +87,8 @@ def main() -> int:
                     help="train the starting adapter and the control on the first N worked answers only; GRPO "
                          "still gets every prompt (with its reference answer, not its worked answer)")
     args = ap.parse_args()
+    if args.sft_demos is not None and args.sft_demos < 1:
+        ap.error(f"--sft-demos must be at least 1, got {args.sft_demos}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -102,7 +104,7 @@ def main() -> int:
     assets = build_assets(work / "assets", **model_size)
     assets_s = time.perf_counter() - t0
     sft_data = assets["train"]
-    if args.sft_demos:
+    if args.sft_demos is not None:
         sft_data = work / "assets" / f"arith-demos-{args.sft_demos}.jsonl"
         sft_data.write_text("".join(assets["train"].read_text().splitlines(keepends=True)[: args.sft_demos]))
     init_ray(2)
