@@ -47,7 +47,6 @@ import os
 import platform
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -207,12 +206,6 @@ def percentile(xs: list[float], q: float) -> float | None:
 # ------------------------------------------------------------------------------------------- the servers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """A server process (its own session, so what it starts stops with it) and its start-up time."""
 
@@ -253,6 +246,8 @@ class Server:
 def start_rayft(setup: dict, work: Path, threads: int, tag: str, overrides: list[str]) -> Server:
     import yaml
 
+    from rayft.cluster import free_port
+
     port = free_port()
     cfg = {"model": {"name_or_path": setup["model"]}, "registry": setup["registry"], "max_lora_rank": 64,
            "http": {"host": "127.0.0.1", "port": port},
@@ -276,6 +271,8 @@ def start_rayft(setup: dict, work: Path, threads: int, tag: str, overrides: list
 
 
 def start_baseline(kind: str, setup: dict, work: Path, threads: int, tag: str) -> Server:
+    from rayft.cluster import free_port
+
     port = free_port()
     cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", kind, "--port", str(port),
            "--threads", str(threads), "--setup", str(work / "setup.json")]

@@ -53,7 +53,6 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def dist_group():
     """A gloo process group of size 1 in the test process (no Ray): the engine in-process, as one rank."""
-
     import deepspeed
     import torch.distributed as dist
 

@@ -156,7 +156,6 @@ class Head:
         return status
 
 
-
 def _own_processes(tmp: Path) -> list[int]:
     """Processes of this head: their command line or working directory names its temp dir (job drivers run in
     sessions of their own, so the process group alone misses them)."""

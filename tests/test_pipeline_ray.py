@@ -25,7 +25,6 @@ pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
 
 
-
 def pipeline_config(assets, tmp: Path, port: int) -> Path:
     model = f"model.name_or_path={assets['model']}"
     cfg = {

@@ -25,7 +25,6 @@ MAX_TOKENS = 32
 KEY = "eval-test-key"
 
 
-
 @pytest.fixture(scope="module")
 def server(assets, tiny_sft, ray_local):
     """The tiny base and the session's SFT adapter behind the serving app, with an API key."""

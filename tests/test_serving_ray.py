@@ -67,7 +67,6 @@ def register_copy(src: Path, registry: Path, name: str, tmp: Path, seed: int | N
     return artifacts.register(source, registry, manifest.model_copy(update={"name": name, "version": ""}))
 
 
-
 @pytest.fixture(scope="module")
 def server(ray_local, assets, tiny_sft, tmp_path_factory):
     from peft import PeftModel

@@ -89,7 +89,6 @@ def test_the_app_with_engine_vllm_serves_the_base_and_an_adapter_over_http(ray_l
     """``engine: vllm`` in the serve config: the Engine replica builds VLLMCore (vLLM imported there only); greedy
     completions over HTTP equal the in-process vLLM engine's, echo scoring works, and an adapter registered
     later above the rank fixed at start is refused with a 400 naming vllm.max_lora_rank."""
-
     import requests
     from peft import LoraConfig, get_peft_model
     from ray import serve
