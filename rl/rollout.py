@@ -383,47 +383,42 @@ BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter bat
 
 
 class RowLora:
-    """Mixed-adapter batches in two matmuls per LoRA layer: the adapters' A and B concatenated per layer (each
-    adapter a block of ``r`` columns, ranks zero-padded to the largest, the base a zero adapter), so that
-    ``((x @ A_all) * mask) @ B_all`` is each row's own ``B(A x) * scaling``, where the per-step ``mask`` keeps
-    (and scales) the row's block only; added to the base layer's output, with PEFT's adapters switched off
-    meanwhile.
+    """Mixed-adapter batches in two batched matmuls per LoRA layer (Punica's segmented LoRA, in plain torch): the
+    adapters' A and B stacked per layer, ``(k, in, r)`` and ``(k, r, out)`` (ranks zero-padded to the largest,
+    scaling folded into B, the base a zero adapter); at every step the rows are gathered into one group per
+    adapter (groups padded to the largest), ``bmm(bmm(x_groups, A), B)`` gives every row its own
+    ``B(A x) * scaling``, and the rows are put back in order and added to the base layer's output, with PEFT's
+    adapters switched off meanwhile.
 
     PEFT's own mixed batches (``adapter_names=``) loop over the batch's adapters in every LoRA layer, indexing each
     sub-batch out and back, and walk all the model's modules to install their hooks at every forward: with 8
-    adapters on the tiny model that was ~80% of a decode step (``bench/results/serving_mixed.md``). A first
-    version gathered each row's A and B per layer and step (batched matmuls); the masked form has no gather,
-    and on the tiny model its hooks take about half the time. Plain LoRA on linear layers only (no DoRA or
-    other variants, nothing merged); any other model keeps PEFT's path."""
+    adapters on the tiny model that was ~80% of a decode step (``bench/results/serving_mixed.md``). The previous
+    form here multiplied every row by all k adapters' A and B at once and masked the other blocks out: k times
+    the LoRA arithmetic, which on the tiny model (8 adapters of rank 16, hidden 128) cost more than the base
+    layers themselves. Plain LoRA on linear layers only (no DoRA or other variants, nothing merged); any other
+    model keeps PEFT's path."""
 
     def __init__(self, layers: list, names: list[str]):
         self.layers = layers
-        self.masks: list[torch.Tensor] = []
+        self.gather: torch.Tensor | None = None  # (k g,): the row in each adapter-group slot (pads repeat a row)
+        self.scatter: torch.Tensor | None = None  # (rows,): each row's slot
+        self.group = 1
         self._stack(list(dict.fromkeys(names)))
 
     def _stack(self, names: list[str]) -> None:
-        import torch
-
         self.names, self.index = names, {n: i for i, n in enumerate(names)}
         k = len(names)
-        self.r = r = max((m.lora_A[n].weight.shape[0] for m in self.layers for n in names if n in m.lora_A),
-                         default=1)
-        self.stacks = []  # per layer: A (in, k r), B (k r, out), index of its scaling vector
-        self.scales: list[torch.Tensor] = []  # distinct per-adapter scaling vectors (k,): one mask each
+        r = max((m.lora_A[n].weight.shape[0] for m in self.layers for n in names if n in m.lora_A), default=1)
+        self.stacks = []  # per layer: A (k, in, r), B * scaling (k, r, out)
         for m in self.layers:
             w = m.base_layer.weight
-            a, b, scale = w.new_zeros((w.shape[1], k * r)), w.new_zeros((k * r, w.shape[0])), w.new_zeros(k)
+            a, b = w.new_zeros((k, w.shape[1], r)), w.new_zeros((k, r, w.shape[0]))
             for n in names:
                 if n in m.lora_A:
                     i, rank = self.index[n], m.lora_A[n].weight.shape[0]
-                    a[:, i * r:i * r + rank] = m.lora_A[n].weight.T
-                    b[i * r:i * r + rank] = m.lora_B[n].weight.T
-                    scale[i] = m.scaling[n]
-            group = next((g for g, s in enumerate(self.scales) if torch.equal(s, scale)), None)
-            if group is None:
-                group = len(self.scales)
-                self.scales.append(scale)
-            self.stacks.append((a, b, group))
+                    a[i, :, :rank] = m.lora_A[n].weight.T
+                    b[i, :rank] = m.lora_B[n].weight.T * m.scaling[n]
+            self.stacks.append((a, b))
 
     @classmethod
     def for_batch(cls, model, adapters: list[str]) -> RowLora | None:
@@ -456,23 +451,35 @@ class RowLora:
         self._stack(self.names + extra)
 
     def set_rows(self, names: list[str]) -> None:
-        """The batch's rows, in order, by adapter name: one mask (rows, k r) per scaling vector."""
+        """The batch's rows, in order, by adapter name: which row fills each slot of the ``(k, group)`` grid of
+        adapter groups, and which slot each row's result comes back from."""
         import torch
 
-        rows = torch.tensor([self.index[n] for n in names])
-        k, r = len(self.names), self.r
-        one_hot = torch.zeros((len(names), k), dtype=self.scales[0].dtype, device=self.scales[0].device)
-        one_hot[torch.arange(len(names)), rows] = 1
-        self.masks = [(one_hot * s).repeat_interleave(r, dim=1).unsqueeze(1) for s in self.scales]
+        groups: list[list[int]] = [[] for _ in self.names]
+        for row, n in enumerate(names):
+            groups[self.index[n]].append(row)
+        g = max(len(rows) for rows in groups)
+        slots = [rows + [0] * (g - len(rows)) for rows in groups]
+        at = [0] * len(names)
+        for i, rows in enumerate(groups):
+            for j, row in enumerate(rows):
+                at[row] = i * g + j
+        device = self.stacks[0][0].device
+        self.group = g
+        self.gather = torch.tensor([row for rows in slots for row in rows], device=device)
+        self.scatter = torch.tensor(at, device=device)
 
     @contextlib.contextmanager
     def active(self):
         """PEFT's adapters off, the per-row deltas on (hooks), for the ``with`` block."""
         def hook(i: int):
             def add(module, args, out):
-                a, b, group = self.stacks[i]
-                h = torch.matmul(args[0].to(a.dtype), a) * self.masks[group]
-                return out + torch.matmul(h, b).to(out.dtype)
+                a, b = self.stacks[i]
+                x = args[0]  # (rows, T, in)
+                k, t = a.shape[0], x.shape[1]
+                xs = x.index_select(0, self.gather).to(a.dtype).view(k, self.group * t, x.shape[2])
+                delta = torch.bmm(torch.bmm(xs, a), b).view(k * self.group, t, b.shape[2])
+                return out.add_(delta.index_select(0, self.scatter).to(out.dtype))
             return add
 
         import torch

@@ -10,10 +10,13 @@ import torch
 
 from rayft.rl.records import Completion, RolloutBatch, Sampling
 from rayft.rl.rollout import (
+    BASE_ADAPTER,
     NewRow,
     RolloutSpec,
     RolloutWorker,
+    RowLora,
     TransformersEngine,
+    left_pad,
     merge_caches,
     sample_seeds,
     trim_left,
@@ -219,6 +222,49 @@ def test_rows_admitted_into_a_running_decode_are_sampled_as_alone(engine, prompt
     assert sorted(r for r, _ in finished) == [0, 1, 2, 3] and finished.index((2, 12)) > finished.index((1, 12))
     with pytest.raises(ValueError, match="n = 1"):
         engine.generate(prompts, Sampling(n=2), [[1, 2]] * 3, admit=admit)
+
+
+def test_per_row_lora_equals_peft_mixed_batches_for_adapters_of_other_ranks_and_scalings(assets, prompts):
+    """The per-row LoRA (adapters stacked per layer, rows gathered into one group per adapter, two batched matmuls)
+    gives each row its own adapter's output: the logits of a mixed, unsorted batch (two adapters of rank 2 and 8
+    with different scalings, and base rows) equal PEFT's own ``adapter_names`` forward. The rows' assignment
+    matters: the same rows with the adapters swapped give other logits."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(assets["model"]),
+                           LoraConfig(r=2, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"), "x")
+    model.add_adapter("y", LoraConfig(r=8, lora_alpha=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    model.eval()
+    rows = [prompts[0], prompts[1], prompts[2], prompts[0], prompts[2], prompts[0]]
+    names = ["y", "x", BASE_ADAPTER, "x", "y", BASE_ADAPTER]
+    input_ids, mask, positions = left_pad(rows, 0)
+
+    def forward(names, per_row: bool):
+        with torch.inference_mode():
+            if not per_row:
+                return model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                             adapter_names=names).logits
+            lora = RowLora.for_batch(model, names)
+            lora.set_rows(names)
+            with lora.active():
+                return model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
+
+    ours, peft = forward(names, True), forward(names, False)
+    real = mask.bool()  # the padded columns' logits are not used
+    assert torch.allclose(ours[real], peft[real], atol=1e-5)
+    swapped = [{"x": "y", "y": "x"}.get(n, n) for n in names]
+    assert (forward(swapped, True)[real] - ours[real]).abs().max() > 1e-2
+    # adapters off again after the block: a plain forward is the active adapter's
+    with torch.inference_mode():
+        plain = model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
+    assert torch.allclose(plain[real], forward(["x"] * 6, False)[real], atol=1e-6)
 
 
 def test_cache_merge_pads_on_the_left_and_trim_drops_unused_columns():
