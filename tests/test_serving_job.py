@@ -3,6 +3,7 @@ it serves on the configured port in the foreground, answers, and Ctrl-C stops it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -54,3 +55,40 @@ def test_serve_job_runs_in_the_foreground_until_ctrl_c(ray_local, assets, tmp_pa
     assert anonymous == 401
     assert p.returncode == 0, out[-3000:]
     assert f"http://127.0.0.1:{port}/v1" in out and "stopping" in out
+
+
+def test_direct_ingress_serves_the_configured_port_from_the_ingress_replica(assets, tmp_path):
+    """``http.ingress: direct`` (Ray Serve's throughput-optimized mode, no proxy hop): the job starts its own Ray
+    with Serve's variables set, and the process listening on the configured port is the ingress replica itself,
+    not Serve's proxy actor; it answers a completion, and Ctrl-C stops it cleanly."""
+    import psutil
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray: Serve reads them at start
+    p = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "serve.py"), "--config", "configs/serve_tiny.yaml",
+                          "--set", f"model.name_or_path={assets['model']}", "--set", f"registry={tmp_path / 'none'}",
+                          "--set", f"http.port={port}", "--set", "http.ingress=direct", "--set",
+                          "deployment.num_cpus=0.5", "--num-cpus", "2"],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url, listener, completion = f"http://127.0.0.1:{port}", None, None
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and p.poll() is None:
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(url + "/health", timeout=15).status_code == 200:
+                    break
+            time.sleep(1)
+        pids = {c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port
+                and c.status == psutil.CONN_LISTEN}
+        listener = [" ".join(psutil.Process(pid).cmdline()) for pid in pids]
+        with contextlib.suppress(requests.RequestException):
+            r = requests.post(url + "/v1/completions", json={"model": "tiny-model", "prompt": "12+7=",
+                                                             "max_tokens": 4, "temperature": 0}, timeout=60)
+            completion = (r.status_code, r.json())
+    finally:
+        p.send_signal(signal.SIGINT)
+        out, _ = p.communicate(timeout=120)
+    assert len(listener) == 1 and "ServeReplica:rayft-serve:Ingress" in listener[0], (listener, out[-3000:])
+    assert completion is not None and completion[0] == 200, (completion, out[-3000:])
+    assert completion[1]["usage"]["completion_tokens"] == 4
+    assert p.returncode == 0 and "ingress direct" in out and "stopping" in out, out[-3000:]
