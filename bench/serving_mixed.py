@@ -4,6 +4,8 @@ against two baselines behind the same HTTP route, driven by the same client in t
 * **rayft**: ``python jobs/serve.py`` (Ray Serve, one engine replica of ``deployment.num_cpus`` CPUs =
   torch threads, ``--threads``, default 1; 8 adapters resident, ``batching.max_batch_rows`` 32, ``wait_ms`` 15;
   continuous batching: requests that arrive during a decode join it).
+* **rayft-direct**: the same with ``http.ingress: direct`` (Ray Serve's throughput-optimized mode without a
+  proxy: the ingress replica listens on the port itself, replicas talk over gRPC): one process hop fewer.
 * **naive**: a FastAPI/uvicorn server in its own process, the base with the 8 adapters resident in one
   ``PeftModel``; per request, one at a time: ``set_adapter`` then greedy ``generate`` (KV cache on).
 * **grouped** (per-adapter batching): the same server; queued requests are taken by adapter (the oldest
@@ -29,7 +31,7 @@ Measured, per run: **requests/s** = N / (first send to last response), tokens/s,
 **Start-up** (process launch to the first 200 from ``/health``) and the warm-up (two requests per adapter,
 which makes every adapter resident on rayft's replica) are outside the window. Each side runs ``--repeats``
 times, interleaved (rayft, naive, grouped, rayft, ...), each run a fresh server process; the median and the
-range are reported. Finally a bounded load test against rayft at concurrency 16 reports every status.
+range are reported. Finally a bounded load test against each rayft side at concurrency 16 reports every status.
 
     python bench/serving_mixed.py                 # ~8 min on 2 cores; bench/results/serving_mixed.{md,json}
     python bench/serving_mixed.py --quick --out /tmp/srv-smoke     # smoke run (not a measurement)
@@ -61,6 +63,7 @@ sys.path.insert(0, str(REPO))  # `python bench/serving_mixed.py` from any workin
 N_ADAPTERS = 8
 FULL = {"requests": 192, "concurrency": 32, "repeats": 3, "load_requests": 256, "pilot_requests": 96}
 QUICK = {"requests": 48, "concurrency": 16, "repeats": 1, "load_requests": 48, "pilot_requests": 32}
+RAYFT_SIDES = {"rayft": [], "rayft-direct": ["http.ingress=direct"]}  # side -> its serve-config overrides
 GROUPED_PILOT = [{"window_ms": 0, "max_batch": 32}, {"window_ms": 10, "max_batch": 32},
                  {"window_ms": 0, "max_batch": 8}]
 
@@ -393,7 +396,7 @@ def one_run(side: str, setup: dict, work: Path, p: dict, threads: int, tag: str,
             load_test: int = 0) -> dict:
     import requests
 
-    server = (start_rayft(setup, work, threads, tag, p["rayft_set"]) if side == "rayft"
+    server = (start_rayft(setup, work, threads, tag, p["rayft_set"] + RAYFT_SIDES[side]) if side in RAYFT_SIDES
               else start_baseline(side, setup, work, threads, tag))
     try:
         if tuning:
@@ -453,7 +456,7 @@ def prepare(work: Path, p: dict, assets: Path | None) -> dict:
 
 def summarize(runs: list[dict]) -> dict:
     out = {}
-    for side in ("rayft", "naive", "grouped"):
+    for side in (*RAYFT_SIDES, "naive", "grouped"):
         rs = [r for r in runs if r["side"] == side]
         if not rs:
             continue
@@ -465,15 +468,16 @@ def summarize(runs: list[dict]) -> dict:
         row["tokens_per_request"] = sorted({t for r in rs for t in r["token_counts"]})
         row["statuses"] = [r["statuses"] for r in rs]
         out[side] = row
-    ours = out["rayft"]["req_per_s"]["median"]
-    for side in ("naive", "grouped"):
-        if side in out:
-            per = [a["req_per_s"] / b["req_per_s"] for a, b in zip(
-                [r for r in runs if r["side"] == "rayft"], [r for r in runs if r["side"] == side], strict=False)]
-            out[f"ratio_vs_{side}"] = {"median_of_medians": ours / out[side]["req_per_s"]["median"],
-                                       "per_repeat": per}
+    for mine in RAYFT_SIDES:
+        for side in ("naive", "grouped"):
+            if mine in out and side in out:
+                per = [a["req_per_s"] / b["req_per_s"] for a, b in zip(
+                    [r for r in runs if r["side"] == mine], [r for r in runs if r["side"] == side], strict=False)]
+                out[f"ratio_{mine}_vs_{side}"] = {
+                    "median_of_medians": out[mine]["req_per_s"]["median"] / out[side]["req_per_s"]["median"],
+                    "per_repeat": per}
     # output agreement with rayft's texts (greedy; batch shapes may round a near-tied logit differently)
-    ref = next(r["texts"] for r in runs if r["side"] == "rayft")
+    ref = next(r["texts"] for r in runs if r["side"] in RAYFT_SIDES)
     out["same_text_as_rayft"] = {r["side"] + f"#{i}": sum(a == b for a, b in zip(ref, r["texts"], strict=True))
                                  / len(ref) for i, r in enumerate(runs)}
     return out
@@ -492,7 +496,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--concurrency", type=int, default=None)
-    ap.add_argument("--sides", default="rayft,naive,grouped")
+    ap.add_argument("--sides", default="rayft,rayft-direct,naive,grouped")
     ap.add_argument("--rayft-set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a field of rayft's serve config by dotted path, e.g. batching.wait_ms=20")
     ap.add_argument("--keep-workdir", action="store_true")
@@ -528,8 +532,8 @@ def main() -> None:
         runs = []
         for rep in range(p["repeats"]):
             for side in sides:
-                last = rep == p["repeats"] - 1 and side == "rayft"
-                r = one_run(side, setup, work, p, args.threads if side == "rayft" else p["baseline_threads_kept"],
+                last = rep == p["repeats"] - 1 and side in RAYFT_SIDES
+                r = one_run(side, setup, work, p, args.threads if side in RAYFT_SIDES else p["baseline_threads_kept"],
                             f"{side}-{rep}",
                             tuning if side == "grouped" else None, load_test=p["load_requests"] if last else 0)
                 r["repeat"] = rep
@@ -540,7 +544,7 @@ def main() -> None:
         res = {"params": p, "sides": sides, "pilot_grouped": pilot, "grouped_tuning": tuning,
                "selection": setup["selection"], "prompts_kept": {a: len(v) for a, v in setup["keep"].items()},
                "summary": summarize(runs),
-               "load_test": next(r["load_test"] for r in runs if "load_test" in r),
+               "load_tests": {r["side"]: r["load_test"] for r in runs if "load_test" in r},
                "runs": [{k: v for k, v in r.items() if k not in ("texts", "load_test")} for r in runs],
                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
                "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -576,7 +580,9 @@ def render(res: dict) -> str:
         "| side | requests/s | tokens/s | p50 latency (ms) | p99 latency (ms) | tokens per request | start-up (s) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for side, label in (("rayft", "rayft (mixed-adapter batches)"), ("naive", "naive (set_adapter per request)"),
+    for side, label in (("rayft", "rayft (mixed-adapter batches; Serve's HTTP proxy)"),
+                        ("rayft-direct", "rayft, `http.ingress: direct` (no proxy hop)"),
+                        ("naive", "naive (set_adapter per request)"),
                         ("grouped", "grouped (set_adapter per adapter batch)")):
         if side in s:
             r = s[side]
@@ -584,18 +590,21 @@ def render(res: dict) -> str:
                          f"{rng(r['p50_s'], 1e3, '{:.0f}')} | {rng(r['p99_s'], 1e3, '{:.0f}')} | "
                          f"{', '.join(map(str, r['tokens_per_request']))} | {rng(r['startup_s'])} |")
     lines.append("")
-    for side, target in (("naive", 3.0), ("grouped", 1.5)):
-        if f"ratio_vs_{side}" in s:
-            ratio = s[f"ratio_vs_{side}"]
-            per = ", ".join(f"{x:.2f}" for x in ratio["per_repeat"])
-            verdict = "met" if ratio["median_of_medians"] >= target else "**missed**"
-            lines.append(f"* rayft / {side} requests/s: **{ratio['median_of_medians']:.2f}x** (per repeat: {per}); "
-                         f"target >= {target}x: {verdict}")
-    lt = res["load_test"]
-    five = sum(v for k, v in lt["statuses"].items() if k.startswith("5"))
+    for mine in RAYFT_SIDES:
+        for side, target in (("naive", 3.0), ("grouped", 1.5)):
+            # results written before the direct side have one rayft and its ratios under ratio_vs_<side>
+            ratio = s.get(f"ratio_{mine}_vs_{side}") or (s.get(f"ratio_vs_{side}") if mine == "rayft" else None)
+            if ratio:
+                per = ", ".join(f"{x:.2f}" for x in ratio["per_repeat"])
+                verdict = "met" if ratio["median_of_medians"] >= target else "**missed**"
+                lines.append(f"* {mine} / {side} requests/s: **{ratio['median_of_medians']:.2f}x** (per repeat: "
+                             f"{per}); target >= {target}x: {verdict}")
+    for mine, lt in res.get("load_tests", {"rayft": res.get("load_test")}).items():
+        five = sum(v for k, v in lt["statuses"].items() if k.startswith("5"))
+        lines.append(f"* load test, {mine} at concurrency 16, {lt['requests']} requests: statuses {lt['statuses']} "
+                     f"({five} 5xx), {lt['req_per_s']:.1f} req/s, p50 {lt['p50_s'] * 1e3:.0f} ms, p99 "
+                     f"{lt['p99_s'] * 1e3:.0f} ms")
     lines += [
-        f"* load test, rayft at concurrency 16, {lt['requests']} requests: statuses {lt['statuses']} "
-        f"({five} 5xx), {lt['req_per_s']:.1f} req/s, p50 {lt['p50_s'] * 1e3:.0f} ms, p99 {lt['p99_s'] * 1e3:.0f} ms",
         "* grouped baseline's pilot (threads, window ms, max batch -> req/s): "
         + "; ".join(f"{r.get('threads', p['threads'])}, {r['window_ms']}, {r['max_batch']} -> {r['req_per_s']:.1f}"
                     for r in res["pilot_grouped"])
@@ -606,7 +615,7 @@ def render(res: dict) -> str:
         + ", ".join(f"{k} {v:.2f}" for k, v in s["same_text_as_rayft"].items()),
         "* start-up = server process launch to the first 200 from /health (rayft: Ray + Serve start, replica "
         "construction); the warm-up (2 requests per adapter, loading each adapter on rayft's replica) took "
-        + ", ".join(f"{side} {s[side]['warmup_s']['median']:.1f} s" for side in ("rayft", "naive", "grouped")
+        + ", ".join(f"{side} {s[side]['warmup_s']['median']:.1f} s" for side in (*RAYFT_SIDES, "naive", "grouped")
                     if side in s) + " (median); neither is in the window.",
         "",
     ]

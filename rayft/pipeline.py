@@ -150,6 +150,9 @@ def stage_configs(p: PipelineConfig) -> dict[str, Any]:
 
         out["serve"] = _load(ServeConfig, "serve", p.serve, [f"registry={os.path.abspath(p.registry)}"]).with_absolute_paths()
         out["serve"].resolved_api_key()
+        if out["serve"].http.ingress != "proxy":  # its Ray started for the first stage, without Serve's variables
+            raise ConfigError(f"serve.set: http.ingress {out['serve'].http.ingress} is for jobs/serve.py; the pipeline "
+                              "serves through Serve's proxy (http.ingress proxy)")
     if p.eval is not None:
         if p.serve is None:
             raise ConfigError("eval: needs the serve stage (the evaluation talks to the pipeline's server)")

@@ -76,6 +76,8 @@ def test_a_broken_stage_is_reported_with_the_stage_and_file_before_anything_runs
         stage_configs(shipped(**{"rl.set": "[sampling.group_size=0]"}))
     with pytest.raises(ConfigError, match=r"^preference\.config: config file not found: configs/missing\.yaml"):
         stage_configs(shipped(**{"preference.config": "configs/missing.yaml"}))
+    with pytest.raises(ConfigError, match="^serve.set: http.ingress direct is for jobs/serve.py"):
+        stage_configs(shipped(**{"serve.set": "[http.ingress=direct]"}))
     with pytest.raises(ConfigError, match="eval: needs the serve stage"):
         stage_configs(shipped(serve="null"))
     with pytest.raises(ConfigError, match="stages"):
