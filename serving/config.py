@@ -203,6 +203,11 @@ def deploy_file(config_path: str, overrides: list[str] | None = None) -> dict:
 
     overrides = list(overrides or [])
     cfg = load_config(ServeConfig, config_path, overrides)
+    if cfg.http.ingress != "proxy":  # Serve's CLI starts Serve with the cluster's environment, not the file's
+        from rayft.config import ConfigError
+
+        raise ConfigError(f"http.ingress: {cfg.http.ingress} cannot go in a deploy file; start the cluster with "
+                          + " ".join(f"{k}={v}" for k, v in ingress_env(cfg.http).items()))
     args = {"config": config_path}
     for item in overrides:
         key, _, value = item.partition("=")

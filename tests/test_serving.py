@@ -301,6 +301,8 @@ def test_the_serve_deploy_file_carries_the_configs_http_section(tmp_path, monkey
                         "app_name": "other"}
     with pytest.raises(ConfigError, match="http.port"):
         deploy_file("configs/serve_tiny.yaml", ["http.port=99999"])
+    with pytest.raises(ConfigError, match="http.ingress: direct cannot go in a deploy file"):
+        deploy_file("configs/serve_tiny.yaml", ["http.ingress=direct"])
 
 
 def test_relative_paths_become_absolute(tmp_path, monkeypatch):
