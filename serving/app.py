@@ -446,6 +446,24 @@ def build(cfg: ServeConfig):
     return ingress.bind(dump, engine, cfg.resolved_api_key())
 
 
+def wait_until_healthy(cfg: ServeConfig, wait_s: float) -> str:
+    """Poll the config's host and port until /health answers 200; returns the API root (``.../v1``)."""
+    import requests
+
+    host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
+    root = f"http://{host}:{cfg.http.port}"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if requests.get(root + "/health", timeout=5).status_code == 200:
+                return root + "/v1"
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server at {root} did not become healthy within {wait_s:.0f} s")
+        time.sleep(1)
+
+
 def build_app(args: dict[str, Any]):
     """Ray Serve's application builder (``serve run rayft.serving.app:build_app config=<yaml> [a.b=c ...]``,
     or ``import_path`` + ``args`` in a ``serve deploy`` config): ``config`` names a serve YAML and the other

@@ -232,7 +232,6 @@ def test_per_row_lora_equals_peft_mixed_batches_for_adapters_of_other_ranks_and_
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(assets["model"]),
                            LoraConfig(r=2, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"), "x")
