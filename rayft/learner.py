@@ -62,5 +62,30 @@ class LearnerWorker(DistributedWorker):
     def trainable_state_dict(self) -> dict:
         return self.engine.trainable_state_dict()
 
+    # weight sync over a collective (rl/weight_sync.py): learner rank 0 is the group's rank 0, the sender
+
+    def weight_meta(self):
+        """Names, shapes and dtypes of the tensors :meth:`send_weights` sends. Collective under ZeRO-3."""
+        from rayft.rl.weight_sync import tensor_meta
+
+        return tensor_meta(self.engine.trainable_state_dict())
+
+    def join_weight_group(self, host: str, port: int, world: int, backend: str, timeout_s: float,
+                          bucket_mb: float) -> bool:
+        """Rank 0 joins (or re-forms) the weight group as its sender; the other ranks have no part in it."""
+        from rayft.rl.weight_sync import WeightGroup
+
+        if self.rank != 0:
+            return False
+        if getattr(self, "_weight_group", None) is not None:
+            self._weight_group.close()
+        self._weight_group = WeightGroup(host, port, world, 0, backend, timeout_s, bucket_mb)
+        return True
+
+    def send_weights(self):
+        """Every rank gathers the trainable tensors (collective under ZeRO-3); rank 0 broadcasts them."""
+        tensors = self.engine.trainable_state_dict()
+        return self._weight_group.send(tensors) if self.rank == 0 else None
+
     def save_pretrained(self, out_dir: str, tokenizer=None) -> None:
         self.engine.save_pretrained(out_dir, tokenizer)

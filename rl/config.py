@@ -201,8 +201,16 @@ class RolesConfig(Strict):
 
 
 class SyncConfig(Strict):
+    """How the learner's weights reach the rollout engines (``rl/weight_sync.py``)."""
+
     every: int = Field(1, ge=1, description="push the learner's weights to the rollout engines every k steps")
     timeout_s: float = Field(120.0, gt=0)
+    transport: Literal["object_store", "collective"] = Field(
+        "object_store", description="object_store: the tensors go through Ray's object store (LoRA, CPU); "
+        "collective: learner rank 0 broadcasts them to the rollout actors (full weights on separate GPUs)")
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="collective backend; auto: nccl when the learner and the rollout actors have GPUs")
+    bucket_mb: float = Field(256.0, gt=0, description="collective: tensors are broadcast in buckets of this size")
 
 
 class PipelineConfig(Strict):
@@ -261,6 +269,11 @@ class RLConfig(TrainingJobConfig):
         if self.roles.placement == "separate" and self.train.use_gpu and self.roles.rollout.gpus == 0:
             raise ValueError("roles.placement=separate on GPUs gives the rollout actors their own GPUs: set "
                              "roles.rollout.gpus")
+        if self.sync.transport == "collective" and self.sync.backend == "nccl" and not (
+                self.train.use_gpu and self.roles.rollout.gpus >= 1):
+            raise ValueError("sync.backend=nccl broadcasts between GPUs: it needs train.use_gpu=true and "
+                             "roles.rollout.gpus >= 1 (a whole GPU per rollout actor; NCCL cannot join two ranks "
+                             "on one GPU); use gloo, or sync.transport=object_store")
         if is_uri(self.run.storage_path):  # the controller keeps its checkpoints with plain file code
             raise ValueError(f"run.storage_path={self.run.storage_path!r} is a URI; GRPO/PPO runs need a "
                              "filesystem path (shared storage on a cluster); URIs work for SFT, DPO and reward models")
@@ -279,6 +292,12 @@ class RLConfig(TrainingJobConfig):
         """Sequences per optimiser step as DeepSpeed's config states them (the engine reads it); an RL step
         feeds its own count of micro-batches and marks the accumulation boundary itself."""
         return self.train.micro_batch_size * self.train.grad_accum * (world_size or self.train.num_workers)
+
+    def sync_backend(self) -> str:
+        """The collective's backend: ``sync.backend``, or for ``auto`` nccl where both sides have whole GPUs."""
+        if self.sync.backend != "auto":
+            return self.sync.backend
+        return "nccl" if self.train.use_gpu and self.roles.rollout.gpus >= 1 else "gloo"
 
     def completions_per_step(self) -> int:
         return self.sampling.prompts_per_step * self.sampling.group_size

@@ -190,6 +190,9 @@ class Roles:
                            adapter=init_adapter, chat_template=cfg.prompts.chat_template,
                            options=dict(r.options))
         self.weights_ref, self.synced_version = None, 0
+        self.sync_cfg, self.sync_backend = cfg.sync, cfg.sync_backend()
+        self._group_members: list | None = None  # the rollout actors the weight group was formed with
+        self._meta = None
         self.rollout = ActorPool(RolloutWorker, r.num, role="rollout", num_cpus=r.cpus, num_gpus=r.gpus,
                                  resources=r.resources,
                                  timeout_s=r.timeout_s, retries=r.retries, init_args=(spec,), env=env,
@@ -202,12 +205,57 @@ class Roles:
         self._ray = ray
 
     def _bring_up_to_date(self, actor) -> None:
-        if self.weights_ref is not None:
+        if self.sync_cfg.transport == "collective" and self.synced_version > 0:
+            # a fresh actor is not in the weight group: it gets the current weights once through the object
+            # store, and the group is formed again, with it, at the next sync
+            tensors = self.learner.call(lambda a, rank: a.trainable_state_dict.remote(), "weight gathering")[0]
+            self._ray.get(actor.update_weights.remote(self._ray.put(tensors), self.synced_version))
+        elif self.weights_ref is not None:
             self._ray.get(actor.update_weights.remote(self.weights_ref, self.synced_version))
+
+    def _form_weight_group(self, timeout_s: float) -> None:
+        """Learner rank 0 and every rollout actor join one process group (``rl/weight_sync.py``)."""
+        host, port = self._wait_collective([self.learner.actors[0].address.remote()], timeout_s,
+                                           "choosing the weight group's address")[0]
+        world, backend, mb = len(self.rollout.actors) + 1, self.sync_backend, self.sync_cfg.bucket_mb
+        refs = [self.learner.actors[0].join_weight_group.remote(host, port, world, backend, timeout_s, mb)]
+        refs += [a.join_weight_group.remote(host, port, world, i + 1, backend, timeout_s, mb)
+                 for i, a in enumerate(self.rollout.actors)]
+        self._wait_collective(refs, timeout_s + 30, f"forming the weight group ({backend}, {world} members)")
+        if self._meta is None:
+            self._meta = self.learner.call(lambda a, rank: a.weight_meta.remote(), "weight meta")[0]
+        self._group_members = list(self.rollout.actors)
+
+    def _wait_collective(self, refs: list, timeout_s: float, what: str) -> list:
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        try:
+            return self._ray.get(refs, timeout=timeout_s)
+        except GetTimeoutError:
+            self._group_members = None  # formed again next time, if the run goes on
+            raise RoleError(f"weight sync: {what} did not finish within {timeout_s:g} s (learner rank 0 -> "
+                            f"{len(self.rollout.actors)} rollout actor(s))") from None
+        except (RayActorError, RayTaskError) as e:
+            self._group_members = None
+            cause = getattr(e, "cause", None) or e
+            raise RoleError(f"weight sync: {what} failed: {str(cause).splitlines()[0]}") from None
+
+    def _sync_collective(self, version: int, timeout_s: float) -> None:
+        if self._group_members != list(self.rollout.actors):  # first sync, or an actor was replaced
+            self._form_weight_group(timeout_s)
+        refs = [a.send_weights.remote() for a in self.learner.actors]  # every rank: ZeRO-3 gathers
+        refs += [a.receive_weights.remote(self._meta, version) for a in self.rollout.actors]
+        got = self._wait_collective(refs, timeout_s, f"the broadcast of version {version}")
+        if any(v != version for v in got[len(self.learner.actors):]):
+            raise RoleError(f"rollout: weight update to version {version} answered {got[len(self.learner.actors):]}")
 
     def sync(self, version: int, timeout_s: float) -> float:
         """Learner weights (LoRA tensors, or every weight) to every rollout actor; returns seconds."""
         t0 = time.perf_counter()
+        if self.sync_cfg.transport == "collective":
+            self._sync_collective(version, timeout_s)
+            self.synced_version = version
+            return time.perf_counter() - t0
         tensors = self.learner.call(lambda a, rank: a.trainable_state_dict.remote(), "weight gathering")[0]
         self.weights_ref = self._ray.put(tensors)
         got = self.rollout.broadcast("update_weights", self.weights_ref, version, timeout_s=timeout_s)

@@ -661,6 +661,26 @@ class RolloutWorker:
         self.engine.update_weights(tensors, version)
         return self.engine.version
 
+    def join_weight_group(self, host: str, port: int, world: int, rank: int, backend: str, timeout_s: float,
+                          bucket_mb: float) -> int:
+        """Join (or re-form) the weight group as a receiver (``rl/weight_sync.py``)."""
+        from rayft.rl.weight_sync import WeightGroup
+
+        if getattr(self, "_weight_group", None) is not None:
+            self._weight_group.close()
+        self._weight_group = WeightGroup(host, port, world, rank, backend, timeout_s, bucket_mb)
+        return rank
+
+    def receive_weights(self, meta, version: int) -> int:
+        """The learner's broadcast of the tensors in ``meta``, applied as ``version``. LoRA tensors (megabytes)
+        are handed to the engine on the CPU, as the object-store path hands them; full weights stay where
+        they arrived (the GPU, with NCCL)."""
+        tensors = self._weight_group.receive(meta)
+        if getattr(self.engine, "lora", False):
+            tensors = {name: t.cpu() for name, t in tensors.items()}
+        self.engine.update_weights(tensors, version)
+        return self.engine.version
+
     def version(self) -> int:
         return self.engine.version
 

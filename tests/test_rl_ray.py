@@ -175,5 +175,32 @@ def test_pipelined_rollouts_are_one_version_behind_and_reweighted(assets, ray_lo
     assert all(abs(r["is_weight_mean"] - 1) < 1e-3 for r in q), [r["is_weight_mean"] for r in q]
 
 
+def test_collective_weight_sync_gives_the_object_store_run_step_for_step(assets, ray_local, tmp_path, tiny_sft):
+    """``sync.transport=collective`` (gloo here, NCCL on GPUs): learner rank 0 broadcasts the adapter to the
+    rollout actor after every step. Its samples, hence rewards, equal the object-store run's every step only if
+    every broadcast arrived whole; a rollout actor killed after step 1 is replaced, brought up to date and
+    joins a re-formed group at the next sync."""
+    import ray
+
+    from rayft.rl.controller import run_rl
+
+    def kill_rollout(run, step):
+        if step == 1:
+            ray.kill(run.roles.rollout.actors[0], no_restart=True)
+
+    quiet = [*SHORT, "train.max_steps=3", "train.save_steps=100"]
+    store = run_rl(rl_config(assets, tmp_path, tiny_sft, "store", quiet))
+    coll = run_rl(rl_config(assets, tmp_path, tiny_sft, "collective", [*quiet, "sync.transport=collective"]),
+                  on_step=kill_rollout)
+    a = [r for r in _records(store.run_dir) if "reward" in r]
+    b = [r for r in _records(coll.run_dir) if "reward" in r]
+    assert [r["step"] for r in b] == [1, 2, 3] and b[-1]["rollout_restarts"] == 1
+    assert [r["reward"] for r in a] == pytest.approx([r["reward"] for r in b], abs=1e-9)
+    assert [r["policy_version"] for r in b] == [0, 1, 2]
+    assert all(r["logprob_gap"] < 1e-3 for r in b), [r["logprob_gap"] for r in b]  # rollouts ran the learner's weights
+    ta, tb = _adapter_tensors(store.adapter_dir), _adapter_tensors(coll.adapter_dir)
+    assert max((ta[k] - tb[k]).abs().max().item() for k in ta) < 1e-5
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
