@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import string
 from pathlib import Path
 
@@ -165,6 +166,44 @@ def arithmetic_problem(rng: random.Random) -> dict:
         target, work = a - b, f"{a} - {b} = {a - b}"
     answer = f"{work}\n#### {target}"
     return {"question": question, "answer": answer, "target": target}
+
+
+_QUESTION = re.compile(r"has (\d+) [a-z]+ and (gets|gives away) (\d+)")
+
+
+def worked_answer(question: str) -> str | None:
+    """The worked answer :func:`arithmetic_problem` writes for ``question`` (found in any text that holds it,
+    such as a rendered chat prompt), or None for a question of another form.
+
+    >>> p = arithmetic_problem(random.Random(3)); worked_answer("<|im_start|>user\\n" + p["question"]) == p["answer"]
+    True
+    """
+    m = _QUESTION.search(question)
+    if m is None:
+        return None
+    a, b = int(m[1]), int(m[3])
+    op, c = ("+", a + b) if m[2] == "gets" else ("-", a - b)
+    return f"{a} {op} {b} = {c}\n#### {c}"
+
+
+def checked_work(prompts, completions, **_) -> list[float]:
+    """A reward for the arithmetic task that checks the work, not only the final number: 1.0 where the
+    completion is the whole worked answer (the question's two numbers, its operation, the right result, then
+    the ``#### N`` line), else 0.0. A right final number reached by wrong work (``10 + 23 = 33`` for
+    ``16 + 17``, or a bare guess) scores 0 under it and 1 under plain correctness; ``bench/rl_demo_bound.py``
+    measures what such completions teach. Named in a config as ``rayft.tiny:checked_work``.
+
+    >>> checked_work(["Tom has 16 pens and gets 17 more. How many pens does Tom have?"] * 3,
+    ...              ["16 + 17 = 33\\n#### 33", "10 + 23 = 33\\n#### 33", "#### 33"])
+    [1.0, 0.0, 0.0]
+    """
+    out = []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        if not isinstance(prompt, str):  # a conversation: its last user turn holds the question
+            prompt = next((m["content"] for m in reversed(prompt) if m.get("role") == "user"), "")
+        want = worked_answer(prompt)
+        out.append(float(want is not None and completion.strip() == want))
+    return out
 
 
 def arithmetic_rows(n: int, seed: int) -> list[dict]:

@@ -96,6 +96,34 @@ def test_reward_worker_weighted_sum_keeps_each_function(user_module):
         worker.score(["q"] * 3, ["a", "b", "c"], {"answer": ["#### 7"]})
 
 
+def test_checked_work_scores_only_the_whole_worked_answer():
+    """``rayft.tiny:checked_work`` (the arithmetic task's work-checking reward): the reference worked answer of
+    every generated problem scores 1, whether the prompt is its text, a rendered chat prompt or a conversation;
+    the right final number after wrong work, a bare answer and another problem's answer score 0, where plain
+    correctness gives the first two 1."""
+    import random
+
+    from rayft.tiny import arithmetic_problem, checked_work
+
+    rng = random.Random(0)
+    problems = [arithmetic_problem(rng) for _ in range(200)]
+    assert {p["answer"].split(" ")[1] for p in problems} == {"+", "-"}
+    questions = [p["question"] for p in problems]
+    answers = [p["answer"] for p in problems]
+    rendered = [f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n" for q in questions]
+    conversations = [[{"role": "user", "content": q}] for q in questions]
+    for prompts in (questions, rendered, conversations):
+        assert checked_work(prompts, answers) == [1.0] * len(answers)
+    assert checked_work(questions, [a + "\n" for a in answers]) == [1.0] * len(answers)  # outer whitespace
+    q = "Tom has 16 pens and gets 17 more. How many pens does Tom have?"
+    wrong = ["10 + 23 = 33\n#### 33", "#### 33", "16 - 17 = -1\n#### -1", "16 + 17 = 33\n#### 34", "16 + 17 = 33"]
+    assert checked_work([q] * 5, wrong) == [0.0] * 5
+    assert R.correctness([q] * 2, wrong[:2], ["33"] * 2) == [1.0, 1.0]
+    assert checked_work(questions[1:] + questions[:1], answers).count(1.0) < 10  # another problem's answer
+    worker = R.RewardWorker([{"name": "work", "function": "rayft.tiny:checked_work"}])
+    assert worker.score([q] * 2, ["16 + 17 = 33\n#### 33", "#### 33"], {}).total == [1.0, 0.0]
+
+
 @pytest.fixture(scope="module")
 def reward_model(assets, tmp_path_factory):
     """A tiny seq_cls LoRA reward model with a score head unlike a fresh one, registered as the reward-model
