@@ -204,12 +204,15 @@ class Roles:
                                 init_args=([s.model_dump(mode="json") for s in cfg.rewards], cfg.run.registry))
         self._ray = ray
 
+    def _learner_weights(self) -> dict:
+        """The learner's trainable tensors, from rank 0 (every rank gathers: collective under ZeRO-3)."""
+        return self.learner.call(lambda a, rank: a.trainable_state_dict.remote(), "weight gathering")[0]
+
     def _bring_up_to_date(self, actor) -> None:
         if self.sync_cfg.transport == "collective" and self.synced_version > 0:
             # a fresh actor is not in the weight group: it gets the current weights once through the object
             # store, and the group is formed again, with it, at the next sync
-            tensors = self.learner.call(lambda a, rank: a.trainable_state_dict.remote(), "weight gathering")[0]
-            self._ray.get(actor.update_weights.remote(self._ray.put(tensors), self.synced_version))
+            self._ray.get(actor.update_weights.remote(self._ray.put(self._learner_weights()), self.synced_version))
         elif self.weights_ref is not None:
             self._ray.get(actor.update_weights.remote(self.weights_ref, self.synced_version))
 
@@ -256,8 +259,7 @@ class Roles:
             self._sync_collective(version, timeout_s)
             self.synced_version = version
             return time.perf_counter() - t0
-        tensors = self.learner.call(lambda a, rank: a.trainable_state_dict.remote(), "weight gathering")[0]
-        self.weights_ref = self._ray.put(tensors)
+        self.weights_ref = self._ray.put(self._learner_weights())
         got = self.rollout.broadcast("update_weights", self.weights_ref, version, timeout_s=timeout_s)
         if any(v != version for v in got):
             raise RoleError(f"rollout: weight update to version {version} answered {got}")
